@@ -1,0 +1,1 @@
+"""storyfarm.configs: packaged YAML (model presets, example stories, daemon defaults)."""

@@ -1,0 +1,183 @@
+"""The `storyfarm` command line.
+
+Today: `render` (a whole story on this machine, no daemon), `validate` (check a story file against
+a preset without rendering) and `presets`. The CLI only parses arguments, calls the layer below and
+prints; it holds no rendering logic. Exit codes: 0 done, 2 bad input (every problem printed with its
+field path), 1 a failure while rendering, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 832x480, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="storyfarm", description="Render multi-shot story videos (StoryMem M2V on Wan2.2).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser("render", help="render one story here, without the daemon")
+    render.add_argument("story", help="story file: StoryMem JSON or storyfarm YAML/JSON")
+    render.add_argument("--preset", default="tiny", help="model preset name or YAML path (default: tiny)")
+    render.add_argument("--out", required=True, help="output folder (new, empty, or an earlier render)")
+    render.add_argument("--seed", type=int, help="story seed (shot i uses seed + i unless the shot sets its own)")
+    render.add_argument("--steps", type=int, help="denoising steps for shots that do not set them")
+    render.add_argument("--frames", type=int, help="frames per shot (4n+1) for shots that do not set them")
+    render.add_argument("--resolution", type=_resolution, help="WIDTHxHEIGHT for shots that do not set it")
+    render.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    render.add_argument("--threads", type=int, help="CPU threads for torch")
+    render.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    validate = sub.add_parser("validate", help="check a story file without rendering")
+    validate.add_argument("story")
+    validate.add_argument("--preset", default="tiny", help="preset whose limits apply (default: tiny)")
+
+    sub.add_parser("presets", help="list packaged model presets")
+    return parser
+
+
+class RichProgress:
+    """Two bars: shots of the story, denoising steps of the current shot."""
+
+    def __init__(self, console: Console):
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.console = console
+        self.shots = self.steps = None
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.__exit__(*exc)
+
+    def story_start(self, story, total_shots):
+        self.shots = self.bars.add_task(f"story {story.name[:40]}", total=total_shots)
+        self.steps = self.bars.add_task("steps", total=1)
+
+    def shot_start(self, shot, plan):
+        self.bars.reset(self.steps, total=plan.sampler.steps, description=f"shot {shot.index + 1} (scene {shot.scene}.{shot.shot})")
+
+    def step(self, step, total, timestep, expert):
+        self.bars.update(self.steps, completed=step, description=f"shot steps [{expert} t={timestep:.0f}]")
+
+    def shot_done(self, shot, entry):
+        self.bars.advance(self.shots)
+        secs = sum(entry["seconds"].values())
+        self.console.log(
+            f"shot {shot.index + 1}: {entry['file']} ({entry['model']}, memory {len(entry['memory_keyframes'])}, "
+            f"+{len(entry['new_keyframes'])} keyframes, {secs:.1f}s)"
+        )
+
+
+def _load_checked(story_path: str, preset_name: str):
+    from storyfarm.m2v.preset import load_preset
+    from storyfarm.m2v.story import check_against_model, load_story
+
+    preset = load_preset(preset_name)
+    story = check_against_model(load_story(story_path), preset.model_limits())
+    return story, preset
+
+
+def _bad_input(console: Console, exc: Exception) -> int:
+    console.print(f"[red]error[/red]: {exc}", markup=True, highlight=False)
+    return EXIT_BAD_INPUT
+
+
+def cmd_validate(args, console: Console) -> int:
+    from storyfarm.m2v.preset import PresetError
+    from storyfarm.m2v.story import StoryValidationError
+
+    try:
+        story, preset = _load_checked(args.story, args.preset)
+    except (StoryValidationError, PresetError, OSError) as exc:
+        return _bad_input(console, exc)
+    cuts = sum(s.cut for s in story.shots)
+    console.print(f"ok: {story.source}: {story.format} story {story.name!r}, {len(story.shots)} shots ({cuts} cuts), valid for preset {preset.name}")
+    for warning in story.warnings:
+        console.print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def cmd_render(args, console: Console) -> int:
+    from storyfarm.m2v.preset import PresetError
+    from storyfarm.m2v.references import ReferenceImageError
+    from storyfarm.m2v.story import StoryValidationError
+
+    try:
+        story, preset = _load_checked(args.story, args.preset)
+    except (StoryValidationError, PresetError, OSError) as exc:
+        return _bad_input(console, exc)
+
+    import torch
+
+    from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer
+    from storyfarm.m2v.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = RenderSettings(seed=args.seed, steps=args.steps, frames=args.frames, resolution=args.resolution)
+    t0 = time.perf_counter()
+    console.log(f"loading preset {preset.name} on {args.device}")
+    engine = Engine(preset, device=args.device)
+    console.log(f"models ready in {time.perf_counter() - t0:.1f}s")
+    renderer = StoryRenderer(engine, settings)
+    try:
+        if args.quiet:
+            manifest = renderer.render(story, args.out)
+        else:
+            with RichProgress(console) as progress:
+                manifest = renderer.render(story, args.out, progress=progress)
+    except (StoryValidationError, ReferenceImageError, FileExistsError) as exc:
+        return _bad_input(console, exc)
+    except (KeyboardInterrupt, Cancelled):
+        console.print("interrupted: shots finished so far are in the output folder; manifest.json was not written")
+        return EXIT_INTERRUPTED
+    console.print(
+        f"done: {len(manifest['shots'])} shots in {manifest['seconds_total']:.1f}s -> {args.out}/story.mp4 "
+        f"(manifest {args.out}/manifest.json)"
+    )
+    return EXIT_OK
+
+
+def cmd_presets(args, console: Console) -> int:
+    from storyfarm.m2v.preset import packaged_presets
+
+    for name in packaged_presets():
+        console.print(name)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=False, highlight=False)
+    commands = {"render": cmd_render, "validate": cmd_validate, "presets": cmd_presets}
+    return commands[args.command](args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

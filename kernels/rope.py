@@ -1,0 +1,66 @@
+"""Rotary position frequencies for arbitrary (including negative) positions.
+
+Wan splits each attention head's rotary pairs across time, height and width and rotates
+interleaved pairs (x[2i], x[2i+1]). diffusers precomputes a 0..N table and slices it, which cannot
+express StoryMem's memory positions (-5M, ..., -5). These helpers compute the same cos/sin values
+for any position list, in float64 then float32, so that for non-negative integer positions they are
+bitwise equal to diffusers' table (tested), and apply them in real arithmetic (no complex128).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def axis_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Inverse frequencies of one axis with `dim` channels (dim/2 rotary pairs), float64."""
+    if dim % 2:
+        raise ValueError(f"rotary axis dim must be even, got {dim}")
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+
+
+def axis_cos_sin(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [len(positions), dim], each pair's value repeated twice (interleaved layout)."""
+    angles = torch.outer(positions.to(torch.float64), axis_frequencies(dim, theta))
+    cos = angles.cos().repeat_interleave(2, dim=1).float()
+    sin = angles.sin().repeat_interleave(2, dim=1).float()
+    return cos, sin
+
+
+def grid_cos_sin(
+    time_positions: torch.Tensor,
+    height: int,
+    width: int,
+    split: tuple[int, int, int],
+    theta: float = 10000.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for a (frames x height x width) token grid, flattened frame-major: [F*H*W, head_dim].
+
+    `split` is the (time, height, width) channel split of the head dim. Height and width use the
+    ordinary 0..H-1 / 0..W-1 patch grid; time uses the given positions, one per latent frame.
+    """
+    t_dim, h_dim, w_dim = split
+    frames = time_positions.numel()
+    ct, st = axis_cos_sin(time_positions, t_dim, theta)
+    ch, sh = axis_cos_sin(torch.arange(height), h_dim, theta)
+    cw, sw = axis_cos_sin(torch.arange(width), w_dim, theta)
+
+    def expand(t, h, w):
+        return torch.cat(
+            [
+                t.view(frames, 1, 1, -1).expand(frames, height, width, -1),
+                h.view(1, height, 1, -1).expand(frames, height, width, -1),
+                w.view(1, 1, width, -1).expand(frames, height, width, -1),
+            ],
+            dim=-1,
+        ).reshape(frames * height * width, -1)
+
+    return expand(ct, ch, cw), expand(st, sh, sw)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [..., D] by cos/sin broadcastable to x; real arithmetic."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)

@@ -1,0 +1,124 @@
+"""Loading a preset's model set: random-weight builds or local checkpoints, plus keyframe tools.
+
+This is the one place that turns a Preset into live modules, so the engine and (later) workers
+never care where weights came from. Local loading goes through m2v.weights (safetensors only,
+both diffusers and original Wan key layouts) and m2v.lora (StoryMem's per-expert rsLoRA files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from storyfarm.m2v.preset import Preset
+from storyfarm.m2v.text import TextEncoder
+from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.m2v.vae import VideoVAE
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Components:
+    m2v_experts: tuple[M2VExpert, M2VExpert]
+    t2v_experts: tuple[M2VExpert, M2VExpert] | None
+    vae: VideoVAE
+    text: TextEncoder
+    embedder: object  # keyframes.FrameEmbedder
+    gate: object  # keyframes.AestheticGate
+    lora: dict | None = None
+
+
+def _pair(high, low, prefix: str, device, dtype) -> tuple[M2VExpert, M2VExpert]:
+    def place(model):
+        # Loaders already produce `dtype`; a blanket .to(dtype) would also cast the modules
+        # diffusers keeps in float32 (norms, time embedder), so only cast random builds.
+        model = model.to(device)
+        if model.patch_embedding.weight.dtype != dtype:
+            model = model.to(dtype=dtype)
+        return model
+
+    return M2VExpert(place(high), f"{prefix}high_noise"), M2VExpert(place(low), f"{prefix}low_noise")
+
+
+def _gate(preset: Preset):
+    from storyfarm.m2v.keyframes import make_gate
+
+    k = preset.keyframes
+    opts = {}
+    if k.gate_threshold is not None:
+        opts["threshold"] = k.gate_threshold
+    if k.gate == "hpsv3":
+        weights = preset.weights.hpsv3 if preset.weights else None
+        if not weights:
+            raise ValueError(f"{preset.origin}: keyframes.gate is hpsv3 but weights.hpsv3 is not set")
+        opts["weights_path"] = weights
+    return make_gate(k.gate, **opts)
+
+
+def _random_components(preset: Preset, device, dtype) -> Components:
+    from storyfarm.m2v.keyframes import build_tiny_clip_embedder
+    from storyfarm.m2v.tiny import build_tiny_components
+
+    arch = preset.architecture
+    built = build_tiny_components(arch, preset.seed)
+    tokenizer, text_model = built["text"]
+    t2v = None
+    if "t2v_high_noise" in built:
+        t2v = _pair(built["t2v_high_noise"], built["t2v_low_noise"], "t2v_", device, dtype)
+    return Components(
+        m2v_experts=_pair(built["high_noise"], built["low_noise"], "", device, dtype),
+        t2v_experts=t2v,
+        vae=VideoVAE(built["vae"].to(device), device),
+        text=TextEncoder(tokenizer, text_model.to(device), arch.text_len, device),
+        embedder=build_tiny_clip_embedder(arch.clip_seed),
+        gate=_gate(preset),
+    )
+
+
+def _local_components(preset: Preset, device, dtype) -> Components:
+    from storyfarm.m2v import weights as W
+    from storyfarm.m2v.keyframes import TransformersCLIPEmbedder
+    from storyfarm.m2v.lora import load_storymem_lora
+
+    paths = preset.weights
+    high, low, info = W.load_wan_pair(paths.base, dtype=dtype, device=device)
+    lora_info = None
+    if paths.lora is not None:
+        lora = paths.lora
+        lora_info = {
+            "high_noise": load_storymem_lora(high, lora.high_noise, strength=lora.strength, alpha=lora.alpha, merge=lora.merge),
+            "low_noise": load_storymem_lora(low, lora.low_noise, strength=lora.strength, alpha=lora.alpha, merge=lora.merge),
+            "variant": lora.variant,
+        }
+    t2v = None
+    if paths.t2v:
+        t_high, t_low, _ = W.load_wan_pair(paths.t2v, dtype=dtype, device=device)
+        t2v = _pair(t_high, t_low, "t2v_", device, dtype)
+    vae_path = paths.vae or os.path.join(paths.base, "vae")
+    vae = W.load_wan_vae(vae_path, dtype=torch.float32 if device == "cpu" else dtype, device=device)
+    tokenizer, text_model = W.load_text_encoder(paths.text_encoder or paths.base, dtype=dtype, device=device)
+    if not paths.clip:
+        raise ValueError(f"{preset.origin}: weights.clip: a local CLIP ViT-B/32 folder is required for keyframe selection")
+    return Components(
+        m2v_experts=_pair(high, low, "", device, dtype),
+        t2v_experts=t2v,
+        vae=VideoVAE(vae, device),
+        text=TextEncoder(tokenizer, text_model, 512, device),
+        embedder=TransformersCLIPEmbedder.from_pretrained(paths.clip),
+        gate=_gate(preset),
+        lora=lora_info,
+    )
+
+
+def load_components(preset: Preset, device: str | torch.device = "cpu") -> Components:
+    device = str(device)
+    dtype = DTYPES[preset.dtype]
+    if preset.source == "random":
+        return _random_components(preset, device, dtype)
+    return _local_components(preset, device, dtype)

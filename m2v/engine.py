@@ -1,0 +1,166 @@
+"""The render engine: one loaded model set that renders one shot at a time.
+
+An Engine owns the experts (M2V pair, optional T2V pair for first shots), the VAE, the text encoder
+and the latent pool. It knows nothing about stories or files: the story driver (or a worker) hands
+it a fully resolved ShotPlan and gets frames back. Everything that can be reused across shots goes
+through the latent pool (keyframe latents, the blank conditioning clip, the negative prompt), so a
+shot pays only for what is new: its prompt, keyframes the pool has not seen, and its MI2V/MM2V clip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from storyfarm.m2v.components import Components, load_components
+from storyfarm.m2v.conditioning import build_conditioning
+from storyfarm.m2v.latent_pool import LatentPool
+from storyfarm.m2v.preset import Preset
+from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.sampler import SamplerSettings, StepCallback, denoise
+from storyfarm.m2v.vae import fit_image
+
+SHARED = "shared"
+
+
+@dataclass
+class ShotPlan:
+    """Everything one shot needs, already merged (shot > story > operator > preset)."""
+
+    story_key: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    frames: int
+    sampler: SamplerSettings
+    memory: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (keyframe id, uint8 HWC), oldest first
+    known_frames: np.ndarray | None = None  # MI2V (1 frame) / MM2V (motion frames), uint8 [k,H,W,3]
+    use_t2v: bool = False
+
+
+@dataclass
+class ShotRender:
+    frames: np.ndarray  # uint8 [F,H,W,3]
+    model: str  # "m2v" | "t2v"
+    memory_ids: list[str]
+    time_positions: list[int]
+    seconds: dict[str, float]
+
+
+class _Stopwatch:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name):
+        watch = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.seconds[name] = watch.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Engine:
+    def __init__(self, preset: Preset, device: str = "cpu", components: Components | None = None):
+        self.preset = preset
+        self.device = torch.device(device)
+        self.components = components or load_components(preset, device)
+        c = self.components
+        self.m2v_experts = c.m2v_experts
+        self.t2v_experts = c.t2v_experts
+        self.vae = c.vae
+        self.text = c.text
+        self.pool = LatentPool(
+            self.device,
+            budget_bytes=preset.pool.device_budget_mb << 20,
+            cpu_budget_bytes=preset.pool.cpu_budget_mb << 20,
+        )
+
+    @property
+    def has_t2v(self) -> bool:
+        return self.t2v_experts is not None
+
+    def _text(self, prompt: str, namespace: str) -> torch.Tensor:
+        return self.pool.get_or_create((namespace, "text", _digest(prompt)), lambda: self.text.encode([prompt]))
+
+    def memory_latents(self, plan: ShotPlan) -> torch.Tensor | None:
+        """[M, C, h, w] for the plan's memory window; encodes only keyframes the pool lacks."""
+        if not plan.memory:
+            return None
+        keys = [(plan.story_key, "keyframe", kid, plan.width, plan.height) for kid, _ in plan.memory]
+        found = [self.pool.get(k) for k in keys]
+        missing = [i for i, t in enumerate(found) if t is None]
+        if missing:
+            images = [fit_image(plan.memory[i][1], plan.width, plan.height) for i in missing]
+            for i, latent in zip(missing, self.vae.encode_images(images)):
+                found[i] = self.pool.put(keys[i], latent)
+        return torch.stack(found)
+
+    def blank_clip(self, plan: ShotPlan) -> torch.Tensor:
+        key = (SHARED, "blank_clip", plan.width, plan.height, plan.frames)
+        return self.pool.get_or_create(key, lambda: self.vae.encode_blank_clip(plan.frames, plan.width, plan.height))
+
+    def render_shot(self, plan: ShotPlan, on_step: StepCallback | None = None) -> ShotRender:
+        watch = _Stopwatch()
+        s = self.vae.spatial_stride
+        if plan.width % (2 * s) or plan.height % (2 * s) or (plan.frames - 1) % self.vae.temporal_stride:
+            raise ValueError(f"shot size {plan.width}x{plan.height}x{plan.frames} breaks the model's strides")
+        use_t2v = plan.use_t2v and self.has_t2v and not plan.memory and plan.known_frames is None
+        with watch.stage("text_encode"):
+            text = self._text(plan.prompt, plan.story_key)
+            negative = self._text(plan.negative_prompt, SHARED)
+        latent_frames = self.vae.latent_frames(plan.frames)
+        h, w = plan.height // s, plan.width // s
+        sampler = plan.sampler
+        if use_t2v:
+            experts, conditioning, num_memory = self.t2v_experts, None, 0
+            sampler = replace(sampler, boundary=self.preset.render.t2v_boundary)
+        else:
+            with watch.stage("memory_encode"):
+                memory = self.memory_latents(plan)
+                num_memory = 0 if memory is None else memory.shape[0]
+                if plan.known_frames is not None and len(plan.known_frames):
+                    known = np.stack([fit_image(f, plan.width, plan.height) for f in plan.known_frames])
+                    clip = self.vae.encode_blank_clip(plan.frames, plan.width, plan.height, known=known)
+                    known_count = len(known)
+                else:
+                    clip, known_count = self.blank_clip(plan), 0
+                conditioning = build_conditioning(memory, clip, plan.frames, known_count, self.vae.temporal_stride)
+            experts = self.m2v_experts
+        positions = memory_time_positions(num_memory, latent_frames, self.preset.memory.position_stride)
+        generator = torch.Generator("cpu").manual_seed(plan.seed)
+        noise = torch.randn(1, self.vae.channels, num_memory + latent_frames, h, w, generator=generator)
+        with watch.stage("denoise"):
+            latents = denoise(
+                experts,
+                noise.to(self.device),
+                text,
+                negative,
+                positions,
+                sampler,
+                conditioning=None if conditioning is None else conditioning.to(self.device),
+                on_step=on_step,
+            )
+        with watch.stage("vae_decode"):
+            frames = self.vae.decode(latents[0, :, num_memory:])  # memory latents are never decoded
+        return ShotRender(
+            frames=frames,
+            model="t2v" if use_t2v else "m2v",
+            memory_ids=[kid for kid, _ in plan.memory] if not use_t2v else [],
+            time_positions=positions,
+            seconds=watch.seconds,
+        )

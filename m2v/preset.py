@@ -1,0 +1,225 @@
+"""Model presets: which weights, which architecture, and the render defaults that go with them.
+
+A preset is a YAML file in configs/models/ (or any path). It is the bottom of the configuration
+merge: story/shot values first, then operator overrides, then the preset. Validation names the
+field and what is allowed; unknown keys are errors (a typo must not silently fall back to a
+default). Paths may use ${VAR} and ${VAR:-default}; relative paths are relative to the preset file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storyfarm.m2v.story import ModelLimits
+
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+class PresetError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RenderDefaults(_Strict):
+    resolution: tuple[int, int] = (832, 480)  # width, height
+    frames: int = 81
+    fps: int = 16
+    steps: int = Field(40, ge=1)
+    shift: float = Field(4.0, gt=0)
+    guidance: tuple[float, float] = (3.5, 3.5)  # high-noise, low-noise expert
+    boundary: float = Field(0.9, gt=0, lt=1)
+    t2v_boundary: float = Field(0.875, gt=0, lt=1)
+    solver: Literal["unipc", "euler"] = "unipc"
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    continuation: Literal["first_frame", "motion_frames"] = "first_frame"
+    motion_frames: int = Field(5, ge=1)
+    first_shot: Literal["t2v", "m2v"] = "t2v"
+
+
+class MemorySettings(_Strict):
+    long_term: int = Field(3, ge=0)
+    max_size: int = Field(10, ge=0)
+    position_stride: int = Field(5, ge=1)
+
+
+class KeyframeSettings(_Strict):
+    threshold: float = Field(0.9, gt=0, le=1)
+    max_per_shot: int = Field(3, ge=1)
+    step: float = Field(0.01, gt=0)
+    dedupe_threshold: float = Field(0.9, gt=0, le=1)
+    gate: Literal["hpsv3", "quality", "off"] = "quality"
+    gate_threshold: float | None = None  # None: the gate's own default
+    candidates: int = Field(32, ge=2)
+
+
+class LimitSettings(_Strict):
+    max_frames: int = Field(321, ge=1)
+    max_side: int = Field(1920, ge=16)
+    max_steps: int = Field(200, ge=1)
+
+
+class PoolSettings(_Strict):
+    device_budget_mb: int = Field(1024, ge=0)
+    cpu_budget_mb: int = Field(4096, ge=0)
+
+
+class LoraSettings(_Strict):
+    high_noise: str
+    low_noise: str
+    variant: Literal["mi2v", "mm2v"] = "mi2v"
+    strength: float = 1.0
+    alpha: float | None = None
+    merge: bool = True
+
+
+class WeightPaths(_Strict):
+    base: str  # Wan2.2-I2V-A14B folder, diffusers or original layout
+    vae: str | None = None  # default: inside base
+    text_encoder: str | None = None  # diffusers-layout folder holding text_encoder/ and tokenizer/
+    t2v: str | None = None  # Wan2.2-T2V-A14B folder for a story's first shot
+    lora: LoraSettings | None = None
+    clip: str | None = None  # local CLIP ViT-B/32 (transformers layout)
+    hpsv3: str | None = None  # HPSv3 reward model weights
+
+
+class Architecture(_Strict):
+    """Random-weight models built in code (source: random)."""
+
+    transformer: dict[str, Any]
+    t2v_transformer: dict[str, Any] | None = None
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    text_len: int = Field(512, ge=1)
+    clip_seed: int = 0
+
+
+class Preset(_Strict):
+    name: str
+    description: str = ""
+    source: Literal["random", "local"]
+    seed: int = 0  # weight seed for source: random
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    architecture: Architecture | None = None
+    weights: WeightPaths | None = None
+    render: RenderDefaults = RenderDefaults()
+    memory: MemorySettings = MemorySettings()
+    keyframes: KeyframeSettings = KeyframeSettings()
+    limits: LimitSettings = LimitSettings()
+    pool: PoolSettings = PoolSettings()
+    origin: str = "<inline>"
+
+    @field_validator("render")
+    @classmethod
+    def _render_ok(cls, v: RenderDefaults):
+        w, h = v.resolution
+        if w % 16 or h % 16:
+            raise ValueError(f"resolution {w}x{h}: width and height must be multiples of 16")
+        if (v.frames - 1) % 4:
+            raise ValueError(f"frames {v.frames}: the model needs 4n+1 frames")
+        return v
+
+    def model_limits(self) -> ModelLimits:
+        return ModelLimits(
+            spatial_multiple=16,
+            temporal_stride=4,
+            fps=self.render.fps,
+            max_frames=self.limits.max_frames,
+            max_side=self.limits.max_side,
+            max_steps=self.limits.max_steps,
+        )
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_path(value: str, base_dir: Path) -> str:
+    def sub(m):
+        return os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0))
+
+    expanded = os.path.expanduser(_VAR.sub(sub, value))
+    return str((base_dir / expanded).resolve()) if not os.path.isabs(expanded) else expanded
+
+
+def _expand_weight_paths(data: dict, base_dir: Path) -> dict:
+    weights = data.get("weights")
+    if not isinstance(weights, dict):
+        return data
+    out = dict(weights)
+    for key in ("base", "vae", "text_encoder", "t2v", "clip", "hpsv3"):
+        if isinstance(out.get(key), str):
+            out[key] = expand_path(out[key], base_dir)
+    if isinstance(out.get("lora"), dict):
+        lora = dict(out["lora"])
+        for key in ("high_noise", "low_noise"):
+            if isinstance(lora.get(key), str):
+                lora[key] = expand_path(lora[key], base_dir)
+        out["lora"] = lora
+    return {**data, "weights": out}
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{origin}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def packaged_presets() -> list[str]:
+    folder = resources.files("storyfarm.configs") / "models"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str, overrides: dict | None = None) -> Preset:
+    """A packaged preset by name (`tiny`) or a YAML file path; `overrides` is deep-merged on top."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise PresetError(f"preset: no such file {name_or_path}")
+        text, origin, base_dir = path.read_text(), str(path), path.resolve().parent
+    else:
+        res = resources.files("storyfarm.configs") / "models" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise PresetError(f"preset: unknown preset {name_or_path!r}; packaged presets: {', '.join(packaged_presets())}")
+        text, origin, base_dir = res.read_text(), f"preset {name_or_path}", Path(str(res)).parent
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{origin}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"{origin}: expected a mapping at the top level")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    data = _expand_weight_paths(data, base_dir)
+    data["origin"] = origin
+    try:
+        preset = Preset.model_validate(data)
+    except ValidationError as exc:
+        raise PresetError(_format_errors(exc, origin)) from None
+    if preset.source == "random" and preset.architecture is None:
+        raise PresetError(f"{origin}: architecture: required when source is random")
+    if preset.source == "local" and preset.weights is None:
+        raise PresetError(f"{origin}: weights: required when source is local")
+    return preset

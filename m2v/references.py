@@ -1,0 +1,49 @@
+"""Reference images (a story's characters and places) checked before they become memory.
+
+Images come from users, so they are untrusted: only PNG, JPEG and WebP, at most 64 MiB on disk,
+at most 40 megapixels decoded (checked from the header before decoding, which defeats
+decompression bombs), at least 16 px a side. Errors name the story field the path came from.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_FILE_BYTES = 64 << 20
+MAX_PIXELS = 40_000_000
+MIN_SIDE = 16
+
+
+class ReferenceImageError(ValueError):
+    pass
+
+
+def load_reference_image(path: str | os.PathLike, field: str) -> np.ndarray:
+    """Decode a reference image to uint8 RGB [H, W, 3], or raise ReferenceImageError naming `field`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ReferenceImageError(f"{field}: no such image file {path}")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise ReferenceImageError(f"{field}: {path} is {size} bytes; at most {MAX_FILE_BYTES} allowed")
+    try:
+        with Image.open(path) as im:
+            if im.format not in ALLOWED_FORMATS:
+                raise ReferenceImageError(f"{field}: {path} is {im.format}; allowed: {', '.join(ALLOWED_FORMATS)}")
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ReferenceImageError(f"{field}: {path} is {w}x{h}; at most {MAX_PIXELS} pixels allowed")
+            if min(w, h) < MIN_SIDE:
+                raise ReferenceImageError(f"{field}: {path} is {w}x{h}; each side must be >= {MIN_SIDE}")
+            im.draft("RGB", (w, h))
+            rgb = im.convert("RGB")
+            rgb.load()
+    except ReferenceImageError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ReferenceImageError(f"{field}: {path} is not a readable image: {exc}") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random-weight models, example stories, the optional ../shared bench."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO / "configs" / "stories"
+STBENCH = Path(os.environ.get("STORYFARM_STBENCH", REPO.parent / "shared" / "stbench"))
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def stbench() -> Path:
+    if not (STBENCH / "cat.json").is_file():
+        pytest.skip(f"ST-Bench scripts not found at {STBENCH} (they live in ../shared, absent from a clean clone)")
+    return STBENCH
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    from storyfarm.m2v.preset import load_preset
+
+    return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_preset):
+    from storyfarm.m2v.engine import Engine
+
+    return Engine(tiny_preset)
