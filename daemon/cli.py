@@ -132,9 +132,15 @@ def cmd_render(args, console: Console) -> int:
     except (StoryValidationError, PresetError, OSError) as exc:
         return _bad_input(console, exc)
 
+    from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer, check_output
+
+    try:
+        check_output(args.out)
+    except FileExistsError as exc:
+        return _bad_input(console, exc)
+
     import torch
 
-    from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer
     from storyfarm.m2v.engine import Engine
 
     if args.threads:

@@ -8,7 +8,6 @@ both diffusers and original Wan key layouts) and m2v.lora (StoryMem's per-expert
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +45,7 @@ def _pair(high, low, prefix: str, device, dtype) -> tuple[M2VExpert, M2VExpert]:
     return M2VExpert(place(high), f"{prefix}high_noise"), M2VExpert(place(low), f"{prefix}low_noise")
 
 
-def _gate(preset: Preset):
+def _gate(preset: Preset, device: str):
     from storyfarm.m2v.keyframes import make_gate
 
     k = preset.keyframes
@@ -58,6 +57,7 @@ def _gate(preset: Preset):
         if not weights:
             raise ValueError(f"{preset.origin}: keyframes.gate is hpsv3 but weights.hpsv3 is not set")
         opts["weights_path"] = weights
+        opts["device"] = device
     return make_gate(k.gate, **opts)
 
 
@@ -77,7 +77,7 @@ def _random_components(preset: Preset, device, dtype) -> Components:
         vae=VideoVAE(built["vae"].to(device), device),
         text=TextEncoder(tokenizer, text_model.to(device), arch.text_len, device),
         embedder=build_tiny_clip_embedder(arch.clip_seed),
-        gate=_gate(preset),
+        gate=_gate(preset, device),
     )
 
 
@@ -100,7 +100,7 @@ def _local_components(preset: Preset, device, dtype) -> Components:
     if paths.t2v:
         t_high, t_low, _ = W.load_wan_pair(paths.t2v, dtype=dtype, device=device)
         t2v = _pair(t_high, t_low, "t2v_", device, dtype)
-    vae_path = paths.vae or os.path.join(paths.base, "vae")
+    vae_path = paths.vae or paths.base  # load_wan_vae finds vae/ or Wan2.1_VAE.safetensors
     vae = W.load_wan_vae(vae_path, dtype=torch.float32 if device == "cpu" else dtype, device=device)
     tokenizer, text_model = W.load_text_encoder(paths.text_encoder or paths.base, dtype=dtype, device=device)
     if not paths.clip:
@@ -111,7 +111,7 @@ def _local_components(preset: Preset, device, dtype) -> Components:
         vae=VideoVAE(vae, device),
         text=TextEncoder(tokenizer, text_model, 512, device),
         embedder=TransformersCLIPEmbedder.from_pretrained(paths.clip),
-        gate=_gate(preset),
+        gate=_gate(preset, device),
         lora=lora_info,
     )
 

@@ -63,12 +63,19 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_output(out_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, a folder that is neither new, empty, nor an earlier render."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise FileExistsError(f"--out {out}: folder is not empty and holds no storyfarm manifest; choose an empty folder")
+
+
 def prepare_output(out_dir: Path) -> None:
     """Make `out_dir` ready: new or empty, or an earlier storyfarm render (its files are replaced)."""
+    check_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = [p.name for p in out_dir.iterdir()]
-    if entries and "manifest.json" not in entries:
-        raise FileExistsError(f"--out {out_dir}: folder is not empty and holds no storyfarm manifest; choose an empty folder")
     for name in OWNED:
         p = out_dir / name
         if p.is_dir():
@@ -94,6 +101,13 @@ class StoryRenderer:
             dedupe_threshold=k.dedupe_threshold,
             max_candidates=k.candidates,
         )
+
+    def _add_references(self, bank: MemoryBank, paths, field: str) -> None:
+        """Reference images join the memory with their CLIP embeddings, so shot keyframes that
+        merely repeat a reference are de-duplicated against it."""
+        images = [load_reference_image(p, f"{field}[{i}]") for i, p in enumerate(paths)]
+        embeddings = [self.selector.embedder.embed(img[None])[0] for img in images]
+        bank.add_references(images, embeddings=embeddings)
 
     def base_seed(self, story: Story) -> int:
         if self.settings.seed is not None:
@@ -135,7 +149,7 @@ class StoryRenderer:
         story_key = f"story:{out.resolve()}"
         bank = MemoryBank(out / "keyframes")
         if story.references:
-            bank.add_references([load_reference_image(p, "references") for p in story.references])
+            self._add_references(bank, story.references, "references")
         base_seed = self.base_seed(story)
         mem = self.preset.memory
         shots_meta: list[dict] = []
@@ -153,9 +167,7 @@ class StoryRenderer:
         try:
             for shot in story.shots:
                 if shot.references:
-                    bank.add_references(
-                        [load_reference_image(p, f"{shot.path}.references[{i}]") for i, p in enumerate(shot.references)]
-                    )
+                    self._add_references(bank, shot.references, f"{shot.path}.references")
                 plan = self.plan(story, shot, story_key, base_seed)
                 window = bank.window_ids(mem.long_term, mem.max_size)
                 plan.memory = list(zip(window, bank.images(window)))

@@ -1,0 +1,271 @@
+"""A story's memory: every keyframe it has accumulated, and the window of them the next shot sees.
+
+Role: StoryMem conditions each shot on a memory of earlier keyframes (reference images first, then
+keyframes picked from each rendered shot). The bank holds all of them in order of addition and
+persists them, so a story resumes after a crash from the bank on disk; `window` picks the keyframes
+that condition a shot.
+
+Invariants:
+- Order of addition is the story's memory order; ids are stable, readable and never reused for
+  different content while referenced: references `ref00`, `ref01`, ...; shot keyframes
+  `s{shot:03d}f{frame:03d}`. References usually come first but may join mid-story (per-shot
+  references). Keyframes are never reordered or dropped (except a retried shot's own), so the memory
+  a shot saw is fully described by the ids of `window_ids()` taken before it, or by `window()` of
+  the `snapshot()` taken then: what a later re-render of that shot needs.
+- On disk (`root_dir`): `<id>.png` per keyframe, `embeddings.safetensors` (one tensor per id) and
+  `memory.json` (the ordered index). `memory.json` is the commit point and is
+  written last when adding, first when removing, each file atomically. So at every instant the ids
+  in `memory.json` have their PNG and embedding on disk; leftovers from an interrupted change are
+  unreferenced and harmless.
+- Embeddings are float32 (D,) on CPU; a reference may have none (it then takes no part in
+  de-duplication). All embeddings of a bank share one D.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from storyfarm.m2v.video import atomic_output, save_png
+
+__all__ = ["Keyframe", "MemoryBank", "window"]
+
+INDEX_FILE = "memory.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+FORMAT_VERSION = 1
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+T = TypeVar("T")
+
+
+@dataclass
+class Keyframe:
+    id: str
+    source: str  # "reference" | "shot"
+    shot_index: int | None
+    frame_index: int | None
+    image_path: str
+    embedding: torch.Tensor | None  # (D,) float32; None only for a reference added without one
+
+
+def window(keyframes: Sequence[T], *, long_term: int = 3, max_size: int = 10) -> list[T]:
+    """The memory a shot is conditioned on, oldest first.
+
+    The first `long_term` keyframes of the story are kept for good; the rest of the `max_size`
+    slots go to the most recent keyframes. When `long_term >= max_size` only the first `max_size`
+    keyframes are kept. The unit is keyframes, not shots.
+    """
+    if long_term < 0:
+        raise ValueError(f"long_term must be >= 0, got {long_term}")
+    items = list(keyframes)
+    if max_size <= 0:
+        return []
+    if len(items) <= max_size:
+        return items
+    if long_term >= max_size:
+        return items[:max_size]
+    recent = max_size - long_term
+    return items[:long_term] + items[-recent:]
+
+
+def shot_keyframe_id(shot_index: int, frame_index: int) -> str:
+    return f"s{shot_index:03d}f{frame_index:03d}"
+
+
+def _as_embedding(embedding: torch.Tensor | np.ndarray) -> torch.Tensor:
+    emb = torch.as_tensor(embedding).detach().to("cpu", torch.float32).reshape(-1).contiguous()
+    if emb.numel() == 0:
+        raise ValueError("empty embedding")
+    return emb
+
+
+class MemoryBank:
+    """All keyframes of one story, in order of addition, persisted under `root_dir`.
+
+    `MemoryBank(root)` starts an empty bank (refusing a folder that already holds one);
+    `MemoryBank.load(root)` resumes one; `MemoryBank.open(root)` does whichever applies.
+    """
+
+    def __init__(self, root_dir: str | os.PathLike):
+        self.root = Path(root_dir)
+        if (self.root / INDEX_FILE).exists():
+            raise FileExistsError(f"{self.root} already holds a memory bank; use MemoryBank.load")
+        self._keyframes: list[Keyframe] = []
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, root_dir: str | os.PathLike) -> MemoryBank:
+        root = Path(root_dir)
+        index = json.loads((root / INDEX_FILE).read_text())
+        if index.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{root / INDEX_FILE}: unsupported memory format {index.get('version')!r}")
+        emb_path = root / EMBEDDINGS_FILE
+        tensors = load_safetensors(emb_path.read_bytes()) if emb_path.exists() else {}
+        bank = cls.__new__(cls)
+        bank.root, bank._keyframes = root, []
+        for rec in index["keyframes"]:
+            embedding = None
+            if rec["has_embedding"]:
+                if rec["id"] not in tensors:
+                    raise ValueError(f"{emb_path}: no embedding for keyframe {rec['id']}")
+                embedding = tensors[rec["id"]].to(torch.float32)
+            bank._keyframes.append(
+                Keyframe(rec["id"], rec["source"], rec["shot_index"], rec["frame_index"],
+                         str(root / rec["image"]), embedding)
+            )
+        return bank
+
+    @classmethod
+    def open(cls, root_dir: str | os.PathLike) -> MemoryBank:
+        return cls.load(root_dir) if (Path(root_dir) / INDEX_FILE).exists() else cls(root_dir)
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def keyframes(self) -> list[Keyframe]:
+        return list(self._keyframes)
+
+    def __len__(self) -> int:
+        return len(self._keyframes)
+
+    def snapshot(self) -> list[str]:
+        """Ids of every keyframe, in memory order."""
+        return [k.id for k in self._keyframes]
+
+    def get(self, ids: Sequence[str]) -> list[Keyframe]:
+        by_id = {k.id: k for k in self._keyframes}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise KeyError(f"unknown keyframe ids: {missing}")
+        return [by_id[i] for i in ids]
+
+    def window_ids(self, long_term: int = 3, max_size: int = 10) -> list[str]:
+        """Ids of the memory window the next shot is conditioned on, oldest first."""
+        return window(self.snapshot(), long_term=long_term, max_size=max_size)
+
+    def embeddings(self, ids: Sequence[str] | None = None) -> torch.Tensor | None:
+        """[K, D] float32 embeddings of the given (default: all) keyframes that have one, or None."""
+        keyframes = self._keyframes if ids is None else self.get(ids)
+        rows = [k.embedding for k in keyframes if k.embedding is not None]
+        return torch.stack(rows) if rows else None
+
+    def images(self, ids: Sequence[str]) -> list[np.ndarray]:
+        """The keyframe images (uint8 [H, W, 3]) of `ids`, in the order given."""
+        images = []
+        for k in self.get(ids):
+            with Image.open(k.image_path) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        return images
+
+    # ---- changing --------------------------------------------------------------------------
+    def add_references(
+        self,
+        images: Sequence[np.ndarray],
+        ids: Sequence[str] | None = None,
+        embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> list[Keyframe]:
+        """Add reference images (MR2V): a story's are its first memory entries; a shot's join
+        the memory before that shot renders.
+
+        Pass `embeddings` (one per image, same embedder as the shot keyframes) so that shot
+        keyframes duplicating a reference are de-duplicated against it.
+        """
+        if ids is None:
+            start = sum(k.source == "reference" for k in self._keyframes)
+            ids = [f"ref{start + n:02d}" for n in range(len(images))]
+        if len(ids) != len(images) or (embeddings is not None and len(embeddings) != len(images)):
+            raise ValueError("images, ids and embeddings must have the same length")
+        embs = [None] * len(images) if embeddings is None else [_as_embedding(e) for e in embeddings]
+        entries = [("reference", None, None, i, img, e) for i, img, e in zip(ids, images, embs)]
+        self._commit_add(self._prepare(entries, self._keyframes))
+        return self._keyframes[-len(entries):] if entries else []
+
+    def add_shot_keyframes(
+        self, shot_index: int, keyframes: Sequence[tuple[int, np.ndarray, torch.Tensor]]
+    ) -> list[Keyframe]:
+        """Add the keyframes selected from one rendered shot: (frame_index, image, embedding).
+
+        Re-adding a shot whose keyframes are the newest in the bank (a shot retried after a crash)
+        replaces them; re-adding one that later shots already followed is an error.
+        """
+        if shot_index < 0:
+            raise ValueError(f"shot_index must be >= 0, got {shot_index}")
+        previous = [n for n, k in enumerate(self._keyframes) if k.shot_index == shot_index]
+        if previous and previous != list(range(previous[0], len(self._keyframes))):
+            raise ValueError(f"shot {shot_index} already has keyframes and later keyframes follow them")
+        kept = self._keyframes[: previous[0]] if previous else self._keyframes
+        entries = [
+            ("shot", shot_index, int(f), shot_keyframe_id(shot_index, int(f)), img, _as_embedding(e))
+            for f, img, e in keyframes
+        ]
+        prepared = self._prepare(entries, kept)  # validate before removing anything
+        if previous:
+            self._commit_remove(kept)
+        self._commit_add(prepared)
+        return [k for k, _ in prepared]
+
+    def _prepare(self, entries: list, existing: Sequence[Keyframe]) -> list[tuple[Keyframe, np.ndarray]]:
+        taken = {k.id for k in existing}
+        dims = {k.embedding.numel() for k in existing if k.embedding is not None}
+        prepared = []
+        for source, shot_index, frame_index, kid, image, emb in entries:
+            if not _ID_PATTERN.fullmatch(kid) or kid in taken:
+                raise ValueError(f"keyframe id {kid!r} is malformed or already in this memory bank")
+            if emb is not None:
+                dims.add(emb.numel())
+            if len(dims) > 1:
+                raise ValueError(f"keyframe {kid}: embedding sizes differ within one bank: {sorted(dims)}")
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"keyframe {kid}: image must be uint8 [H, W, 3], "
+                                 f"got {image.dtype} {list(image.shape)}")
+            taken.add(kid)
+            path = self.root / f"{kid}.png"
+            prepared.append((Keyframe(kid, source, shot_index, frame_index, str(path), emb), image))
+        return prepared
+
+    # Disk protocol (see module docstring): adding writes images, embeddings, then the index;
+    # removing writes the index, embeddings, then deletes images. The in-memory list changes only
+    # once the index is on disk.
+    def _commit_add(self, prepared: list[tuple[Keyframe, np.ndarray]]) -> None:
+        for keyframe, image in prepared:
+            save_png(keyframe.image_path, image)
+        keyframes = self._keyframes + [k for k, _ in prepared]
+        self._write_embeddings(keyframes)
+        self._write_index(keyframes)
+        self._keyframes = keyframes
+
+    def _commit_remove(self, kept: list[Keyframe]) -> None:
+        kept_ids = {k.id for k in kept}
+        doomed = [k for k in self._keyframes if k.id not in kept_ids]
+        self._write_index(kept)
+        self._keyframes = list(kept)
+        self._write_embeddings(kept)
+        for k in doomed:
+            Path(k.image_path).unlink(missing_ok=True)
+
+    def _write_index(self, keyframes: Sequence[Keyframe]) -> None:
+        records = [
+            {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index,
+             "image": Path(k.image_path).relative_to(self.root).as_posix(),
+             "has_embedding": k.embedding is not None}
+            for k in keyframes
+        ]
+        text = json.dumps({"version": FORMAT_VERSION, "keyframes": records}, indent=1)
+        with atomic_output(self.root / INDEX_FILE) as tmp:
+            tmp.write_text(text)
+
+    def _write_embeddings(self, keyframes: Sequence[Keyframe]) -> None:
+        tensors = {k.id: k.embedding for k in keyframes if k.embedding is not None}
+        with atomic_output(self.root / EMBEDDINGS_FILE) as tmp:
+            tmp.write_bytes(save_safetensors(tensors))

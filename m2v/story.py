@@ -1,0 +1,434 @@
+"""Story files: StoryMem's published JSON and storyfarm's native YAML/JSON, read into one Story.
+
+A Story is what the daemon persists and the scheduler walks: an ordered tuple of ShotSpecs, each
+with its own prompt (StoryMem conditions every shot on its own prompt only), whether it is a hard
+cut (memory only) or continues the previous shot, and the render settings it overrides.
+Invariants:
+- for bad content, parse_story and load_story raise only StoryValidationError, listing every
+  problem found (not the first), each at the field path where it was written;
+- the first shot of a story is a cut (a file saying otherwise is read as a cut, with a warning);
+- nothing is rounded or coerced silently; model-dependent rules (4n+1 frames, sides that are
+  multiples of the VAE stride x patch) live in check_against_model, because they depend on the
+  preset, and they too reject with the nearest valid values instead of adjusting;
+- story-level settings are defaults that a shot's own value overrides; each shot remembers where
+  each of its values was written, so a story-level value that breaks a model limit is reported
+  once, at the story-level key;
+- the story seed stays on the Story: the engine derives each shot's seed from it and the shot
+  index (copying it onto every shot would repeat the same noise, a flaw of the official code).
+Pure Python (no torch): the daemon and the scheduler import it freely. Field readers and the
+error types live in story_fields, the model-dependent rules in story_checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from storyfarm.m2v.story_checks import (
+    ModelLimits, check_frames, check_resolution, check_steps, frames_of_duration,
+)
+from storyfarm.m2v.story_fields import (
+    MAX_NAME_CHARS, FieldError, FieldErrors, StoryValidationError, check_keys, child, describe,
+    read_bool, read_choice, read_guidance, read_int, read_number, read_references,
+    read_resolution, read_text,
+)
+
+__all__ = [
+    "FieldError", "StoryValidationError", "ModelLimits", "ShotSpec", "Story",
+    "load_story", "parse_story", "check_against_model", "MAX_STORY_BYTES", "MAX_SHOTS",
+]
+
+MAX_STORY_BYTES = 1 << 20
+MAX_SHOTS = 1000
+MAX_OVERVIEW_CHARS = 10_000
+MODES = ("m2v",)
+MODES_NOT_YET = ("fifo",)
+TRANSITIONS = ("first_frame", "motion_frames")
+# The settings a shot may override; render settings are what ShotSpec.overrides() reports.
+RENDER_SETTINGS = ("negative_prompt", "seed", "frames", "resolution", "steps", "guidance", "shift")
+
+
+@dataclass(frozen=True)
+class ShotSpec:
+    index: int              # 0-based over the whole story
+    scene: int              # StoryMem scene_num, or the scene's scene_num / 1-based position (native)
+    shot: int               # 1-based within its scene
+    path: str               # where it was written: "scenes[1].video_prompts[2]", "shots[3]"
+    prompt: str
+    first_frame_prompt: str | None
+    cut: bool
+    transition: str | None  # cuts: None; continuations: "first_frame" | "motion_frames" | None (engine's)
+    negative_prompt: str | None = None
+    seed: int | None = None
+    frames: int | None = None        # filled from duration by check_against_model
+    duration: float | None = None
+    mode: str = "m2v"
+    references: tuple[str, ...] = ()  # absolute paths: memory images added just before this shot
+    resolution: tuple[int, int] | None = None  # (width, height)
+    steps: int | None = None
+    guidance: tuple[float, float] | None = None  # (high_noise, low_noise)
+    shift: float | None = None
+    # (setting, path) for settings written somewhere other than this shot (story-level defaults).
+    inherited_from: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    def overrides(self) -> dict:
+        """The render settings this shot sets (its own or story-level), without the unset ones."""
+        return {name: getattr(self, name) for name in RENDER_SETTINGS if getattr(self, name) is not None}
+
+    def written_at(self, setting: str) -> str:
+        """The path where this shot's value of `setting` was written."""
+        return dict(self.inherited_from).get(setting, f"{self.path}.{setting}")
+
+
+@dataclass(frozen=True)
+class Story:
+    name: str
+    overview: str
+    format: str                    # "storymem" | "native"
+    source: str                    # file path or "<inline>"
+    seed: int | None
+    references: tuple[str, ...]    # absolute paths: the story's initial memory (MR2V)
+    shots: tuple[ShotSpec, ...]
+    warnings: tuple[str, ...] = ()
+
+
+# --- reading text -------------------------------------------------------------------------
+
+def load_story(path: str | os.PathLike) -> Story:
+    """Read a story file; references resolve against its folder. OSError if it cannot be read."""
+    path = os.path.abspath(os.fspath(path))
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_STORY_BYTES:  # before reading, let alone parsing
+            raise StoryValidationError([FieldError("", _too_big(size))], path)
+        raw = handle.read(MAX_STORY_BYTES + 1)
+    fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(Path(path).suffix.lower())
+    return parse_story(raw, source=path, base_dir=os.path.dirname(path), fmt=fmt)
+
+
+def parse_story(data: str | bytes | dict, *, source: str = "<inline>",
+                base_dir: str | os.PathLike | None = None, fmt: str | None = None) -> Story:
+    """Read a story from text (JSON or YAML, sniffed unless `fmt` says) or an already parsed dict.
+
+    Relative reference paths resolve against base_dir (the current directory when None).
+    """
+    if fmt not in (None, "json", "yaml"):
+        raise ValueError(f"fmt must be 'json', 'yaml' or None, not {fmt!r}")
+    errors = FieldErrors()
+    document = _parse_text(data, fmt, errors) if isinstance(data, (str, bytes, bytearray)) else data
+    errors.raise_if_any(source)
+    base = os.path.abspath(os.fspath(base_dir)) if base_dir is not None else os.getcwd()
+    story = _read_document(document, source, base, errors)
+    errors.raise_if_any(source)
+    return story
+
+
+def _too_big(size: int) -> str:
+    return f"the story is {size} bytes; the limit is {MAX_STORY_BYTES} bytes (1 MiB)"
+
+
+def _parse_text(data: str | bytes | bytearray, fmt: str | None, errors: FieldErrors) -> Any:
+    if isinstance(data, str):
+        size = len(data) if len(data) > MAX_STORY_BYTES else len(data.encode("utf-8", "surrogatepass"))
+    else:
+        size = len(data)
+    if size > MAX_STORY_BYTES:
+        errors.add("", _too_big(size))
+        return None
+    if isinstance(data, str):
+        text = data.removeprefix("\ufeff")
+    else:
+        try:
+            text = bytes(data).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            errors.add("", f"not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}")
+            return None
+    if fmt is None:
+        fmt = "json" if text.lstrip()[:1] in ("{", "[") else "yaml"
+    try:
+        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        errors.add("", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        errors.add("", f"invalid YAML{where}: {' '.join(str(e.problem or e.context).split())}")
+    except RecursionError:
+        errors.add("", f"invalid {fmt.upper()}: nested too deeply")
+    except Exception as e:  # noqa: BLE001 - any parser failure on untrusted text is a bad story
+        reason = " ".join(str(e).split())[:300]
+        if "integer string conversion" in reason:  # Python's int() digit limit, not the user's concern
+            reason = "a number has too many digits"
+        errors.add("", f"invalid {fmt.upper()}: {reason}")
+    return None
+
+
+# --- reading documents ----------------------------------------------------------------------
+
+def _read_document(document: Any, source: str, base: str, errors: FieldErrors) -> Story | None:
+    if not isinstance(document, dict):
+        errors.add("", "the story is empty" if document is None
+                   else f"expected a mapping at the top level, got {describe(document)}")
+        return None
+    scenes = document.get("scenes")
+    scenes = scenes if isinstance(scenes, list) else []
+    storymem_at = [i for i, s in enumerate(scenes) if isinstance(s, dict) and "video_prompts" in s]
+    native_at = [i for i, s in enumerate(scenes) if isinstance(s, dict) and "shots" in s]
+    if storymem_at and (native_at or "shots" in document):
+        where = f"scenes[{native_at[0]}].shots" if native_at else "shots"
+        errors.add(where, f"native shots mixed with StoryMem's video_prompts (scenes[{storymem_at[0]}]);"
+                          " a story file uses one format")
+        return None
+    default_name = "" if source.startswith("<") else Path(source).stem
+    if storymem_at:
+        return _read_storymem(document, source, default_name, errors)
+    return _read_native(document, source, default_name, base, errors)
+
+
+def _read_story_text(document: dict, key: str, errors: FieldErrors, default: str, **rules) -> str:
+    if key not in document:
+        return default
+    return read_text(document[key], key, errors, **rules) or default
+
+
+def _read_scene_num(scene: dict, path: str, position: int, used: dict[int, str],
+                    errors: FieldErrors, required: bool) -> int:
+    if "scene_num" not in scene and required:
+        errors.add(child(path, "scene_num"), "required field is missing")
+    number = position
+    if "scene_num" in scene:
+        number = read_int(scene["scene_num"], child(path, "scene_num"), errors, minimum=1) or position
+        if number in used:
+            errors.add(child(path, "scene_num"), f"{number} is already used by {used[number]}")
+    used.setdefault(number, path)
+    return number
+
+
+def _checked_list(value: Any, path: str, errors: FieldErrors, what: str) -> list | None:
+    if isinstance(value, list) and value:
+        return value
+    errors.add(path, f"expected a non-empty list of {what}, got {describe(value)}")
+    return None
+
+
+def _too_many_shots(count: int, path: str, errors: FieldErrors) -> bool:
+    if count > MAX_SHOTS:
+        errors.add(path, f"the story has {count} shots; the limit is {MAX_SHOTS}")
+    return count > MAX_SHOTS
+
+
+def _first_shot_cut(cut: bool | None, cut_path: str, warnings: list[str]) -> bool | None:
+    if cut is False:
+        warnings.append(f"{cut_path}: the first shot of a story is always a cut; read as cut: true")
+        return True
+    return cut
+
+
+STORYMEM_STORY_KEYS = ("story_name", "story_overview", "scenes")
+STORYMEM_SCENE_KEYS = ("scene_num", "video_prompts", "first_frame_prompt", "cut")
+
+
+def _read_storymem(document: dict, source: str, default_name: str, errors: FieldErrors) -> Story:
+    check_keys(document, "", STORYMEM_STORY_KEYS, errors)
+    name = _read_story_text(document, "story_name", errors, default_name, limit=MAX_NAME_CHARS,
+                            one_line=True)
+    overview = _read_story_text(document, "story_overview", errors, "", limit=MAX_OVERVIEW_CHARS,
+                                allow_empty=True)
+    scenes = document["scenes"]
+    count = sum(len(s["video_prompts"]) for s in scenes
+                if isinstance(s, dict) and isinstance(s.get("video_prompts"), list))
+    if _too_many_shots(count, "scenes", errors):
+        return None
+    shots: list[ShotSpec] = []
+    warnings: list[str] = []
+    used: dict[int, str] = {}
+    for s, scene in enumerate(scenes):
+        path = f"scenes[{s}]"
+        if not isinstance(scene, dict):
+            errors.add(path, f"expected a mapping with video_prompts, got {describe(scene)}")
+            continue
+        check_keys(scene, path, STORYMEM_SCENE_KEYS, errors)
+        scene_num = _read_scene_num(scene, path, s + 1, used, errors, required=True)
+        prompts = _checked_list(scene.get("video_prompts"), f"{path}.video_prompts", errors, "prompts")
+        if prompts is None:
+            continue
+        cuts = _parallel_list(scene, "cut", path, len(prompts), errors, required=True)
+        first_frames = _parallel_list(scene, "first_frame_prompt", path, len(prompts), errors, required=False)
+        for i, raw_prompt in enumerate(prompts):
+            prompt = read_text(raw_prompt, f"{path}.video_prompts[{i}]", errors)
+            cut = read_bool(cuts[i], f"{path}.cut[{i}]", errors) if cuts else None
+            if not shots:
+                cut = _first_shot_cut(cut, f"{path}.cut[{i}]", warnings)
+            first_frame = None
+            if first_frames:
+                first_frame = read_text(first_frames[i], f"{path}.first_frame_prompt[{i}]", errors,
+                                        allow_empty=True) or None
+            shots.append(ShotSpec(index=len(shots), scene=scene_num, shot=i + 1,
+                                  path=f"{path}.video_prompts[{i}]", prompt=prompt,
+                                  first_frame_prompt=first_frame, cut=bool(cut), transition=None))
+    return Story(name=name, overview=overview, format="storymem", source=source, seed=None,
+                 references=(), shots=tuple(shots), warnings=tuple(warnings))
+
+
+def _parallel_list(scene: dict, key: str, path: str, length: int, errors: FieldErrors,
+                   required: bool) -> list | None:
+    """A StoryMem per-shot list (cut, first_frame_prompt): one entry per video prompt."""
+    if key not in scene:
+        if required:
+            errors.add(f"{path}.{key}", "required field is missing")
+        return None
+    value = scene[key]
+    if not isinstance(value, list):
+        errors.add(f"{path}.{key}", f"expected a list, got {describe(value)}")
+        return None
+    if len(value) != length:
+        errors.add(f"{path}.{key}", f"has {len(value)} entries; video_prompts has {length}")
+        return None
+    return value
+
+
+# Native settings: key -> reader(value, path, errors, base_dir). Shared by the story level
+# (defaults) and the shot level, so both accept exactly the same values.
+_Reader = Callable[[Any, str, FieldErrors, str], Any]
+SETTINGS: dict[str, _Reader] = {
+    "negative_prompt": lambda v, p, e, b: read_text(v, p, e, allow_empty=True),
+    "seed": lambda v, p, e, b: read_int(v, p, e, minimum=0, below=2**63, below_text="2**63"),
+    "duration": lambda v, p, e, b: read_number(v, p, e, what="a number of seconds"),
+    "frames": lambda v, p, e, b: read_int(v, p, e, minimum=1),
+    "mode": lambda v, p, e, b: read_choice(v, p, e, MODES, MODES_NOT_YET),
+    "references": lambda v, p, e, b: read_references(v, p, e, b),
+    "resolution": lambda v, p, e, b: read_resolution(v, p, e),
+    "steps": lambda v, p, e, b: read_int(v, p, e, minimum=1),
+    "guidance": lambda v, p, e, b: read_guidance(v, p, e),
+    "shift": lambda v, p, e, b: read_number(v, p, e),
+}
+NATIVE_STORY_KEYS = ("name", "overview", "shots", "scenes", *SETTINGS)
+NATIVE_SCENE_KEYS = ("name", "scene_num", "shots")
+NATIVE_SHOT_KEYS = ("prompt", "first_frame_prompt", "cut", "transition", *SETTINGS)
+_LENGTH_KEYS = ("duration", "frames")
+
+
+def _read_settings(mapping: dict, path: str, base: str, errors: FieldErrors) -> dict[str, tuple[Any, str]]:
+    """The settings written in `mapping`: name -> (value, path where written)."""
+    if all(key in mapping for key in _LENGTH_KEYS):
+        errors.add(child(path, "frames"), "duration is also set; use either duration or frames")
+    settings = {}
+    for key, reader in SETTINGS.items():
+        if key in mapping:
+            value = reader(mapping[key], child(path, key), errors, base)
+            if value is not None:
+                settings[key] = (value, child(path, key))
+    return settings
+
+
+def _read_native(document: dict, source: str, default_name: str, base: str, errors: FieldErrors) -> Story:
+    check_keys(document, "", NATIVE_STORY_KEYS, errors)
+    name = _read_story_text(document, "name", errors, default_name, limit=MAX_NAME_CHARS, one_line=True)
+    overview = _read_story_text(document, "overview", errors, "", limit=MAX_OVERVIEW_CHARS, allow_empty=True)
+    story_settings = _read_settings(document, "", base, errors)
+    seed = story_settings.pop("seed", (None, ""))[0]
+    references = story_settings.pop("references", ((), ""))[0]
+
+    scenes: list[tuple[int, str, Any]] = []  # (scene number, path of its shot list, shot list)
+    if "shots" in document and "scenes" in document:
+        errors.add("shots", "use either shots or scenes, not both")
+    elif "shots" in document:
+        scenes.append((1, "shots", document["shots"]))
+    elif "scenes" in document:
+        used: dict[int, str] = {}
+        for s, scene in enumerate(_checked_list(document["scenes"], "scenes", errors, "scenes") or ()):
+            path = f"scenes[{s}]"
+            if not isinstance(scene, dict):
+                errors.add(path, f"expected a mapping with shots, got {describe(scene)}")
+                continue
+            check_keys(scene, path, NATIVE_SCENE_KEYS, errors)
+            if "name" in scene:
+                read_text(scene["name"], f"{path}.name", errors, limit=MAX_NAME_CHARS, one_line=True)
+            scene_num = _read_scene_num(scene, path, s + 1, used, errors, required=False)
+            scenes.append((scene_num, f"{path}.shots", scene.get("shots")))
+    else:
+        errors.add("shots", "required field is missing (a story needs shots, or scenes with shots)")
+
+    shot_lists = [(num, path, _checked_list(raw, path, errors, "shots") or []) for num, path, raw in scenes]
+    count = sum(len(shots) for _, _, shots in shot_lists)
+    if _too_many_shots(count, "shots" if "shots" in document else "scenes", errors):
+        return None
+    shots: list[ShotSpec] = []
+    warnings: list[str] = []
+    for scene_num, list_path, raw_shots in shot_lists:
+        for i, raw in enumerate(raw_shots):
+            shot = _read_native_shot(raw, f"{list_path}[{i}]", story_settings, base, errors, warnings,
+                                     index=len(shots), scene=scene_num, number=i + 1)
+            if shot is not None:
+                shots.append(shot)
+    return Story(name=name, overview=overview, format="native", source=source, seed=seed,
+                 references=references, shots=tuple(shots), warnings=tuple(warnings))
+
+
+def _read_native_shot(raw: Any, path: str, story_settings: dict[str, tuple[Any, str]], base: str,
+                      errors: FieldErrors, warnings: list[str], *, index: int, scene: int,
+                      number: int) -> ShotSpec | None:
+    if not isinstance(raw, dict):
+        errors.add(path, f"expected a mapping with a prompt, got {describe(raw)}")
+        return None
+    check_keys(raw, path, NATIVE_SHOT_KEYS, errors)
+    prompt = None
+    if "prompt" in raw:
+        prompt = read_text(raw["prompt"], f"{path}.prompt", errors)
+    else:
+        errors.add(f"{path}.prompt", "required field is missing")
+    first_frame = None
+    if "first_frame_prompt" in raw:
+        first_frame = read_text(raw["first_frame_prompt"], f"{path}.first_frame_prompt", errors,
+                                allow_empty=True) or None
+    transition = None
+    if "transition" in raw:
+        transition = read_choice(raw["transition"], f"{path}.transition", errors, TRANSITIONS)
+    # A shot is a cut unless it says cut: false, or names how it continues (a transition).
+    cut = read_bool(raw["cut"], f"{path}.cut", errors) if "cut" in raw else "transition" not in raw
+    if "transition" in raw and cut is True:
+        errors.add(f"{path}.transition", "only continuation shots (cut: false) take a transition")
+    elif index == 0 and "transition" in raw:
+        errors.add(f"{path}.transition",
+                   "the first shot of a story is a cut: there is no shot before it to continue")
+    elif index == 0:
+        cut = _first_shot_cut(cut, f"{path}.cut", warnings)
+
+    own = _read_settings(raw, path, base, errors)
+    inherited = {key: value for key, value in story_settings.items()
+                 if key not in own and not (key in _LENGTH_KEYS and any(k in own for k in _LENGTH_KEYS))}
+    return ShotSpec(index=index, scene=scene, shot=number, path=path, prompt=prompt,
+                    first_frame_prompt=first_frame, cut=bool(cut),
+                    transition=None if cut else transition,
+                    inherited_from=tuple((key, where) for key, (_, where) in inherited.items()),
+                    **{key: value for key, (value, _) in {**inherited, **own}.items()})
+
+
+# --- model-dependent checks -------------------------------------------------------------------
+
+def check_against_model(story: Story, limits: ModelLimits) -> Story:
+    """Check frames, durations, resolutions and steps against a model preset's limits.
+
+    Returns a Story whose shots have `frames` filled from `duration`; raises StoryValidationError
+    listing every violation, each once, at the path where the offending value was written.
+    """
+    errors = FieldErrors()
+    shots = []
+    for shot in story.shots:
+        frames = shot.frames
+        if shot.duration is not None:
+            frames = frames_of_duration(shot.duration, shot.written_at("duration"), limits, errors)
+        elif shot.frames is not None:
+            check_frames(shot.frames, shot.written_at("frames"), limits, errors)
+        if shot.resolution is not None:
+            check_resolution(shot.resolution, shot.written_at("resolution"), limits, errors)
+        if shot.steps is not None:
+            check_steps(shot.steps, shot.written_at("steps"), limits, errors)
+        shots.append(replace(shot, frames=frames))
+    errors.raise_if_any(story.source)
+    return replace(story, shots=tuple(shots))

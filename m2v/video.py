@@ -1,0 +1,254 @@
+"""Video and image files of a story: shot clips, the assembled story video, keyframe PNGs.
+
+Role: the only place that touches PyAV and Pillow for output files, so every artifact the daemon
+publishes is written the same way.
+
+Invariants:
+- Every file is written atomically: into a temporary file in the destination folder, fsynced, then
+  `os.replace`d onto the final name (and the folder fsynced). A crash or an error leaves either the
+  previous file or nothing under the final name, never half a file; temporaries are removed on error.
+- Clips are H.264 (libx264) in yuv420p, which needs even width and height; odd sizes are refused
+  rather than silently cropped.
+- The story video is built from an explicit, ordered list of shot files, never from a folder glob
+  (StoryMem's official pipeline globbed and picked up stray files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PathLike = str | os.PathLike
+
+__all__ = [
+    "atomic_output",
+    "concat_mp4",
+    "contact_sheet",
+    "probe_mp4",
+    "read_mp4",
+    "save_png",
+    "sha256_file",
+    "write_mp4",
+]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not let a folder be opened; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success fsync it and move it onto `path`.
+
+    The temporary keeps the final suffix so format-sniffing writers (PyAV, Pillow) still work.
+    On any exception the temporary is removed and `path` is left as it was.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise ValueError("cannot write a video with no frames")
+    return frames
+
+
+def _check_even(height: int, width: int, what: str) -> None:
+    if height % 2 or width % 2:
+        raise ValueError(f"{what}: H.264 yuv420p needs even width and height, got {width}x{height}")
+
+
+def _encode(path: Path, frames: Iterable[np.ndarray], width: int, height: int, fps: int, crf: int) -> None:
+    """Encode RGB frames (each uint8 [H, W, 3]) into an mp4 at `path` (not atomic by itself)."""
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # One encoder thread: libx264's frame threading made the same frames encode to different
+        # bytes across runs (seen here), and published shots must keep their sha256 for a seed.
+        # Encoding is a small share of a shot's time; renders parallelise across shots instead.
+        stream.options = {"crf": str(int(crf)), "threads": "1"}
+        stream.codec_context.thread_count = 1
+        for rgb in frames:
+            # Convert to the encoder's format ourselves: leaving it to the encoder's implicit
+            # conversion gave run-to-run byte differences on the first encode of a process.
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def _decode(path: PathLike) -> Iterator[np.ndarray]:
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def write_mp4(path: PathLike, frames: np.ndarray, fps: int, *, crf: int = 18) -> None:
+    """Write uint8 RGB frames [T, H, W, 3] as an H.264 mp4, atomically."""
+    frames = _check_frames(frames)
+    _, height, width, _ = frames.shape
+    _check_even(height, width, str(path))
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    with atomic_output(path) as tmp:
+        _encode(tmp, frames, width, height, fps, crf)
+
+
+def read_mp4(path: PathLike) -> np.ndarray:
+    """Decode every frame of a video into uint8 RGB [T, H, W, 3]."""
+    frames = list(_decode(path))
+    if not frames:
+        info = probe_mp4(path)
+        return np.empty((0, info["height"], info["width"], 3), dtype=np.uint8)
+    return np.stack(frames)
+
+
+def probe_mp4(path: PathLike) -> dict:
+    """Frame count, size, frame rate, codec and duration of a video's first video stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = stream.frames or sum(1 for _ in container.decode(video=0))
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = frames / fps if fps else 0.0
+        return {
+            "frames": int(frames),
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "fps": fps,
+            "codec": stream.codec_context.name,
+            "duration_s": duration,
+        }
+
+
+def concat_mp4(out_path: PathLike, files: Sequence[PathLike], fps: int, *, crf: int = 18) -> None:
+    """Assemble the story video from shot files, in exactly the order given, atomically.
+
+    Frames are decoded and re-encoded one at a time (shots are short; memory stays flat). Every
+    input must have the size of the first; the error names the file that differs.
+    """
+    if isinstance(files, (str, bytes, os.PathLike)):
+        raise TypeError("files must be an explicit ordered list of shot files, not a single path or glob")
+    files = [Path(f) for f in files]
+    if not files:
+        raise ValueError("concat_mp4 needs at least one shot file")
+    sizes = [(info["width"], info["height"]) for info in map(probe_mp4, files)]
+    width, height = sizes[0]
+    for f, size in zip(files, sizes):
+        if size != (width, height):
+            raise ValueError(f"{f}: size {size[0]}x{size[1]} differs from {files[0]} ({width}x{height})")
+    _check_even(height, width, str(files[0]))
+
+    def frames() -> Iterator[np.ndarray]:
+        for f in files:
+            yield from _decode(f)
+
+    with atomic_output(out_path) as tmp:
+        _encode(tmp, frames(), width, height, fps, crf)
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+    return image
+
+
+def _save_pil(image: Image.Image, path: PathLike) -> None:
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_png(path: PathLike, image_uint8_hwc: np.ndarray) -> None:
+    """Write one RGB image as PNG, atomically (lossless: it reads back bit-exact)."""
+    _save_pil(Image.fromarray(_check_image(image_uint8_hwc), mode="RGB"), path)
+
+
+def contact_sheet(
+    tiles: Sequence[tuple[str, np.ndarray]],
+    path: PathLike,
+    *,
+    columns: int = 6,
+    tile_width: int = 192,
+) -> None:
+    """A grid of labelled thumbnails (label under each tile), row-major, written atomically as PNG.
+
+    Every cell is `tile_width` wide and as tall as the tallest scaled thumbnail plus one text line;
+    labels too wide for the cell are shortened with an ellipsis (...).
+    """
+    if not tiles:
+        raise ValueError("contact_sheet needs at least one tile")
+    if columns <= 0 or tile_width <= 0:
+        raise ValueError("columns and tile_width must be positive")
+    font = ImageFont.load_default()
+    thumbs = []
+    for _, image in tiles:
+        img = Image.fromarray(_check_image(image), mode="RGB")
+        height = max(1, round(img.height * tile_width / img.width))
+        thumbs.append(img.resize((tile_width, height), Image.Resampling.BICUBIC))
+    pad = 2
+    _, top, _, bottom = font.getbbox("Ag")
+    label_h = bottom - top + 2 * pad
+    cell_h = max(t.height for t in thumbs) + label_h
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * tile_width, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for n, ((label, _), thumb) in enumerate(zip(tiles, thumbs)):
+        x, y = (n % cols) * tile_width, (n // cols) * cell_h
+        sheet.paste(thumb, (x, y))
+        text = _fit_label(str(label), font, tile_width - 2 * pad)
+        draw.text((x + pad, y + cell_h - label_h + pad - top), text, fill=(0, 0, 0), font=font)
+    _save_pil(sheet, path)
+
+
+def _fit_label(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,175 @@
+"""`storyfarm render` / `validate` as a user runs them: real processes, real mp4s decoded back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storyfarm.m2v import video
+from storyfarm.m2v.rope import memory_time_positions
+
+CLI = str(Path(sys.executable).with_name("storyfarm"))
+
+
+def run_cli(*args, timeout=900):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_render(out: Path, expected_shots: int, frames: int, size: tuple[int, int]) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    shots = manifest["shots"]
+    assert len(shots) == expected_shots
+    files = sorted((out / "shots").glob("*.mp4"))
+    assert [f"shots/{p.name}" for p in files] == [s["file"] for s in shots]
+    width, height = size
+    for entry in shots:
+        path = out / entry["file"]
+        assert entry["sha256"] == sha256(path)
+        decoded = video.read_mp4(path)
+        assert decoded.shape == (frames, height, width, 3) and entry["frames"] == frames
+        for key in ("scene", "shot", "prompt", "seed", "cut", "memory_keyframes", "rope_time_positions", "new_keyframes", "seconds"):
+            assert key in entry, key
+        latent_frames = (frames - 1) // 4 + 1
+        m = len(entry["memory_keyframes"])
+        assert entry["rope_time_positions"] == memory_time_positions(m, latent_frames)
+        assert {"text_encode", "denoise", "vae_decode", "mp4_encode", "keyframes"} <= set(entry["seconds"])
+    story = video.read_mp4(out / "story.mp4")
+    assert story.shape[0] == frames * expected_shots
+    assert manifest["story_sha256"] == sha256(out / "story.mp4")
+    for kf in manifest["keyframes"]:
+        assert (out / kf["file"]).is_file()
+    assert (out / "contact_sheet.png").stat().st_size > 0
+    # memory ids are oldest first and only ever name keyframes that existed before the shot
+    known: list[str] = [k["id"] for k in manifest["keyframes"] if k["source"] == "reference"]
+    for entry in shots:
+        assert all(kid in known for kid in entry["memory_keyframes"])
+        known += entry["new_keyframes"]
+    return manifest
+
+
+@pytest.mark.slow
+def test_render_example_story(tmp_path, repo):
+    out = tmp_path / "lighthouse"
+    res = run_cli("render", repo / "configs/stories/lighthouse.yaml", "--preset", "tiny", "--out", out, "--seed", "7")
+    assert res.returncode == 0, res.stdout + res.stderr
+    manifest = check_render(out, 6, 17, (160, 96))
+    shots = manifest["shots"]
+    assert shots[0]["model"] == "t2v" and all(s["model"] == "m2v" for s in shots[1:])
+    assert shots[0]["cut"] is True
+    continuations = [s for s in shots if not s["cut"]]
+    assert continuations and all(s["transition"] in ("first_frame", "motion_frames") for s in continuations)
+    seeds = [s["seed"] for s in shots]
+    assert len(set(seeds)) == len(seeds)  # never repeated per scene
+
+
+@pytest.mark.slow
+def test_render_stbench_cat(tmp_path, stbench):
+    out = tmp_path / "cat"
+    res = run_cli("render", stbench / "cat.json", "--preset", "tiny", "--out", out, "--seed", "7")
+    assert res.returncode == 0, res.stdout + res.stderr
+    manifest = check_render(out, 10, 17, (160, 96))
+    source = json.loads((stbench / "cat.json").read_text())
+    cuts = [c for scene in source["scenes"] for c in scene["cut"]]
+    assert [s["cut"] for s in manifest["shots"]] == [True] + cuts[1:]
+    prompts = [p for scene in source["scenes"] for p in scene["video_prompts"]]
+    assert [s["prompt"] for s in manifest["shots"]] == prompts
+    assert [s["seed"] for s in manifest["shots"]] == [7 + i for i in range(10)]
+
+
+def test_same_seed_renders_the_same_story(tmp_path, repo):
+    story = repo / "configs/stories/minimal.yaml"
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        res = run_cli("render", story, "--out", out, "--seed", "3", "--frames", "9", "--resolution", "64x32", "--steps", "2", "--quiet")
+        assert res.returncode == 0, res.stdout + res.stderr
+        outs.append(out)
+    a, b = (json.loads((o / "manifest.json").read_text()) for o in outs)
+    for sa, sb in zip(a["shots"], b["shots"]):
+        assert np.array_equal(video.read_mp4(outs[0] / sa["file"]), video.read_mp4(outs[1] / sb["file"]))
+        assert sa["new_keyframes"] == sb["new_keyframes"]
+        assert sa["sha256"] == sb["sha256"]  # published bytes are stable for a seed, not just pixels
+    # a re-render into the same folder replaces the earlier render
+    res = run_cli("render", story, "--out", outs[0], "--seed", "4", "--frames", "9", "--resolution", "64x32", "--steps", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    c = json.loads((outs[0] / "manifest.json").read_text())
+    assert [s["seed"] for s in c["shots"]] == [4, 5, 6]
+    assert len(list((outs[0] / "shots").glob("*.mp4"))) == 3
+
+
+def test_render_refuses_a_foreign_non_empty_folder(tmp_path, repo):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = run_cli("render", repo / "configs/stories/minimal.yaml", "--out", out, "--quiet")
+    assert res.returncode == 2
+    assert "not empty" in res.stdout
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_validate_reports_field_paths(tmp_path, repo):
+    ok = run_cli("validate", repo / "configs/stories/lighthouse.yaml")
+    assert ok.returncode == 0 and "ok:" in ok.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({
+        "story_name": "x", "story_overview": "y",
+        "scenes": [{"scene_num": 1, "video_prompts": ["a", "b"], "first_frame_prompt": ["a", "b"], "cut": [True, "False"]}],
+    }))
+    res = run_cli("validate", bad)
+    assert res.returncode == 2
+    assert 'scenes[0].cut[1]: expected a boolean, got "False"' in res.stdout
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("shots:\n  - prompt: a\n    frames: 80\n  - prompt: b\n    resolution: 830x480\n")
+    res = run_cli("validate", odd)
+    assert res.returncode == 2
+    assert "shots[0].frames" in res.stdout and "shots[1].resolution" in res.stdout
+
+
+def test_references_become_the_initial_memory(tmp_path):
+    """MR2V: story references are the first memory entries; a shot's references join before it."""
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for name, size in (("hero.png", (80, 48)), ("place.jpg", (200, 120)), ("late.png", (64, 64))):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
+    story = tmp_path / "refs.yaml"
+    story.write_text(
+        "references: [hero.png, place.jpg]\n"
+        "shots:\n"
+        "  - prompt: the hero stands at the harbour\n"
+        "  - prompt: the hero walks into the market\n"
+        "    references: [late.png]\n"
+    )
+    out = tmp_path / "out"
+    res = run_cli("render", story, "--out", out, "--frames", "9", "--resolution", "64x32", "--steps", "2", "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    first, second = manifest["shots"]
+    assert first["model"] == "m2v"  # references present: no T2V first shot
+    assert first["memory_keyframes"] == ["ref00", "ref01"]
+    assert first["rope_time_positions"] == [-10, -5, 0, 1, 2]
+    # the shot's own reference joins after shot 1's keyframes: the newest memory entry
+    assert second["memory_keyframes"][:2] == ["ref00", "ref01"] and second["memory_keyframes"][-1] == "ref02"
+    assert [k["id"] for k in manifest["keyframes"] if k["source"] == "reference"] == ["ref00", "ref01", "ref02"]
+
+
+def test_bad_reference_image_is_refused_with_its_field(tmp_path):
+    (tmp_path / "fake.png").write_bytes(b"not an image at all")
+    story = tmp_path / "bad_refs.yaml"
+    story.write_text("shots:\n  - prompt: a\n  - prompt: b\n    references: [fake.png]\n")
+    out = tmp_path / "out"
+    res = run_cli("render", story, "--out", out, "--frames", "9", "--resolution", "64x32", "--steps", "2", "--quiet")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "shots[1].references[0]" in res.stdout
