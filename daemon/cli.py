@@ -93,28 +93,29 @@ class RichProgress:
         )
 
 
-def _load_checked(story_path: str, preset_name: str):
-    from storyfarm.m2v.preset import load_preset
-    from storyfarm.m2v.story import check_against_model, load_story
-
-    preset = load_preset(preset_name)
-    story = check_against_model(load_story(story_path), preset.model_limits())
-    return story, preset
-
-
 def _bad_input(console: Console, exc: Exception) -> int:
     console.print(f"[red]error[/red]: {exc}", markup=True, highlight=False)
     return EXIT_BAD_INPUT
 
 
-def cmd_validate(args, console: Console) -> int:
-    from storyfarm.m2v.preset import PresetError
-    from storyfarm.m2v.story import StoryValidationError
+def _story_and_preset(args, console: Console):
+    """(story, preset) checked against the preset's limits, or None after printing the errors."""
+    from storyfarm.m2v.preset import PresetError, load_preset
+    from storyfarm.m2v.story import StoryValidationError, check_against_model, load_story
 
     try:
-        story, preset = _load_checked(args.story, args.preset)
+        preset = load_preset(args.preset)
+        return check_against_model(load_story(args.story), preset.model_limits()), preset
     except (StoryValidationError, PresetError, OSError) as exc:
-        return _bad_input(console, exc)
+        _bad_input(console, exc)
+        return None
+
+
+def cmd_validate(args, console: Console) -> int:
+    loaded = _story_and_preset(args, console)
+    if loaded is None:
+        return EXIT_BAD_INPUT
+    story, preset = loaded
     cuts = sum(s.cut for s in story.shots)
     console.print(f"ok: {story.source}: {story.format} story {story.name!r}, {len(story.shots)} shots ({cuts} cuts), valid for preset {preset.name}")
     for warning in story.warnings:
@@ -123,14 +124,13 @@ def cmd_validate(args, console: Console) -> int:
 
 
 def cmd_render(args, console: Console) -> int:
-    from storyfarm.m2v.preset import PresetError
     from storyfarm.m2v.references import ReferenceImageError
     from storyfarm.m2v.story import StoryValidationError
 
-    try:
-        story, preset = _load_checked(args.story, args.preset)
-    except (StoryValidationError, PresetError, OSError) as exc:
-        return _bad_input(console, exc)
+    loaded = _story_and_preset(args, console)
+    if loaded is None:
+        return EXIT_BAD_INPUT
+    story, preset = loaded
 
     from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer, check_output
 

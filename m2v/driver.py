@@ -222,7 +222,7 @@ class StoryRenderer:
             self.engine.pool.release(story_key)
 
         video.concat_mp4(out / "story.mp4", shot_files, self.preset.render.fps)
-        tiles = [(f"#{e['index'] + 1} {e['scene']}.{e['shot']}", video.read_mp4(out / e["file"])[e["frames"] // 2]) for e in shots_meta]
+        tiles = [(f"shot {e['index'] + 1} (scene {e['scene']}.{e['shot']})", video.read_mp4(out / e["file"])[e["frames"] // 2]) for e in shots_meta]
         tiles += [(k.id, img) for k, img in zip(bank.keyframes, bank.images([k.id for k in bank.keyframes]))]
         video.contact_sheet(tiles, out / "contact_sheet.png")
         manifest = {

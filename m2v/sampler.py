@@ -41,7 +41,7 @@ class SamplerSettings:
         return self.boundary * NUM_TRAIN_TIMESTEPS
 
 
-def make_scheduler(settings: SamplerSettings):
+def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"):
     if settings.solver == "unipc":
         scheduler = UniPCMultistepScheduler(
             num_train_timesteps=NUM_TRAIN_TIMESTEPS,
@@ -56,7 +56,7 @@ def make_scheduler(settings: SamplerSettings):
         )
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=settings.shift)
-    scheduler.set_timesteps(settings.steps, device="cpu")
+    scheduler.set_timesteps(settings.steps, device=device)
     return scheduler
 
 
@@ -75,7 +75,7 @@ def denoise(
 ) -> torch.Tensor:
     """Run the whole trajectory from `noise` [1,16,T,h,w]; returns the clean latents (float32)."""
     high, low = experts
-    scheduler = make_scheduler(settings)
+    scheduler = make_scheduler(settings, noise.device)
     timesteps = scheduler.timesteps
     latents = noise.float()
     text_batch = torch.cat([text, negative_text], dim=0)

@@ -58,7 +58,7 @@ class M2VExpert:
         with self.rope.time_positions(time_positions):
             out = self.model(
                 hidden_states=model_input,
-                timestep=timestep,
+                timestep=timestep.to(model_input.device),
                 encoder_hidden_states=text.to(self.dtype),
                 return_dict=False,
             )[0]

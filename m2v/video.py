@@ -16,10 +16,12 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -90,20 +92,87 @@ def _check_even(height: int, width: int, what: str) -> None:
         raise ValueError(f"{what}: H.264 yuv420p needs even width and height, got {width}x{height}")
 
 
+# BT.601 limited range, the matrix decoders assume for untagged SD/HD-ish H.264 and the one PyAV
+# uses to convert back to RGB: rows give Y, Cb, Cr from R, G, B in 0..255.
+_BT601 = np.array(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float64
+)
+_RANGE = np.array([219.0, 224.0, 224.0]) / 255.0
+_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def _plane_bytes(values: np.ndarray, line_size: int) -> bytes:
+    """A plane's whole buffer: the rows, each padded to `line_size` by repeating its last pixel."""
+    return np.pad(values, ((0, 0), (0, line_size - values.shape[1])), mode="edge").tobytes()
+
+
+def yuv420_frame(rgb: np.ndarray) -> av.VideoFrame:
+    """uint8 RGB [H, W, 3] -> a yuv420p frame whose every byte, line padding included, is set.
+
+    Published shots must keep their sha256 for a given seed, so nothing the encoder may read is
+    left to chance: FFmpeg leaves a new frame's line padding uninitialised and SIMD code may read
+    past the visible width. Converting here also pins the colour matrix (BT.601, limited range,
+    what decoders and PyAV assume for untagged streams) instead of whatever swscale defaults to.
+    """
+    height, width, _ = rgb.shape
+    ycc = rgb.astype(np.float64) @ _BT601.T  # [H, W, 3]
+    luma = np.clip(np.rint(ycc[..., 0] * _RANGE[0] + _OFFSET[0]), 0, 255).astype(np.uint8)
+    # chroma: mean over each 2x2 block, then scaled; yuv420p needs even sizes (checked by callers)
+    blocks = ycc[..., 1:].reshape(height // 2, 2, width // 2, 2, 2).mean(axis=(1, 3))
+    chroma = np.clip(np.rint(blocks * _RANGE[1:] + _OFFSET[1:]), 0, 255).astype(np.uint8)
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for plane, values in zip(frame.planes, (luma, chroma[..., 0], chroma[..., 1])):
+        plane.update(_plane_bytes(values, plane.line_size))
+    return frame
+
+
+# x264 instruction sets by /proc/cpuinfo flag. AVX-512 is left out on purpose: with its AVX-512
+# kernels, libx264 (as PyAV ships it) encoded the same frames to different bytes from run to run
+# (26 of 26 runs identical without them, two outcomes with them, seen here), and published shots
+# must keep their sha256. AVX2 is within a few percent for encoding.
+_X264_CPU_FLAGS = (
+    ("mmxext", "MMX2"), ("sse2", "SSE2Fast"), ("ssse3", "SSSE3"), ("sse4_1", "SSE4"), ("sse4_2", "SSE4.2"),
+    ("avx", "AVX"), ("fma", "FMA3"), ("bmi1", "BMI1"), ("bmi2", "BMI2"), ("avx2", "AVX2"), ("abm", "LZCNT"),
+)
+
+
+def x264_asm(cpuinfo: str) -> str | None:
+    """x264's `asm` list for the CPU described by /proc/cpuinfo text, AVX-512 excluded; None when
+    the CPU does not say (leave x264 to detect: never name an instruction set the CPU lacks)."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            names = [name for flag, name in _X264_CPU_FLAGS if flag in present]
+            return ",".join(names) if names else None
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _x264_options(crf: int) -> dict[str, str]:
+    # One encoder thread: with frame threads libx264's output is not guaranteed to repeat either.
+    options = {"crf": str(int(crf)), "threads": "1"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            asm = x264_asm(f.read())
+    except OSError:
+        asm = None
+    if asm:
+        options["x264-params"] = f"asm={asm}"
+    return options
+
+
 def _encode(path: Path, frames: Iterable[np.ndarray], width: int, height: int, fps: int, crf: int) -> None:
     """Encode RGB frames (each uint8 [H, W, 3]) into an mp4 at `path` (not atomic by itself)."""
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One encoder thread: libx264's frame threading made the same frames encode to different
-        # bytes across runs (seen here), and published shots must keep their sha256 for a seed.
-        # Encoding is a small share of a shot's time; renders parallelise across shots instead.
-        stream.options = {"crf": str(int(crf)), "threads": "1"}
+        stream.options = dict(_x264_options(crf))
         stream.codec_context.thread_count = 1
-        for rgb in frames:
-            # Convert to the encoder's format ourselves: leaving it to the encoder's implicit
-            # conversion gave run-to-run byte differences on the first encode of a process.
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+        time_base = Fraction(1, int(fps))
+        for index, rgb in enumerate(frames):
+            frame = yuv420_frame(np.asarray(rgb))
+            # Explicit timestamps: rate control and the container read frame timing from them.
+            frame.pts, frame.time_base = index, time_base
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
 

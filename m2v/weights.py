@@ -222,6 +222,17 @@ def _load_into(model: torch.nn.Module, where, name_map: Mapping[str, str], *, dt
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def _materialise(model_cls, cfg, where, original: bool, to_diffusers, to_original, *, dtype, device, what: str):
+    """Build `model_cls` on the meta device and load the checked files into it; original-layout
+    files are renamed with diffusers' converter (and errors quote the files' own names)."""
+    name_map = _name_map(list(where), to_diffusers, what) if original else {k: k for k in where}
+    with torch.device("meta"):
+        model = model_cls.from_config(cfg)
+    _load_into(model, where, name_map, dtype=dtype, device=device, what=what,
+               file_names=to_original if original else None)
+    return model
+
+
 def _check_materialised(model: torch.nn.Module, what: str) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -299,12 +310,8 @@ def load_wan_expert(path: str | Path, *, config: str | Path | Mapping[str, Any] 
     diffusers_cfg = _expert_config(cfg, keys, what)
     original = "head.head.weight" in keys or any(".self_attn." in k for k in keys)
     # diffusers' converter also strips the optional model.diffusion_model. prefix.
-    name_map = _name_map(list(where), convert_wan_transformer_to_diffusers, what) if original \
-        else {k: k for k in where}
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(diffusers_cfg)
-    _load_into(model, where, name_map, dtype=dtype, device=device, what=what,
-               file_names=to_wan_original_state_dict if original else None)
+    model = _materialise(WanTransformer3DModel, diffusers_cfg, where, original, convert_wan_transformer_to_diffusers,
+                         to_wan_original_state_dict, dtype=dtype, device=device, what=what)
     # The rotary tables are non-persistent buffers (absent from checkpoints): compute them for real.
     c = model.config
     model.rope = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len).to(device)
@@ -391,12 +398,8 @@ def load_wan_vae(path: str | Path, *, config: str | Path | Mapping[str, Any] | N
                                   "(latents_mean/std are only known for 16 channels)")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     original = "decoder.middle.0.residual.0.gamma" in where  # diffusers' own marker for it
-    name_map = _name_map(list(where), convert_wan_vae_to_diffusers, what) if original \
-        else {k: k for k in where}
-    with torch.device("meta"):
-        model = AutoencoderKLWan.from_config(cfg)
-    _load_into(model, where, name_map, dtype=dtype, device=device, what=what,
-               file_names=to_wan_original_vae_state_dict if original else None)
+    model = _materialise(AutoencoderKLWan, cfg, where, original, convert_wan_vae_to_diffusers,
+                         to_wan_original_vae_state_dict, dtype=dtype, device=device, what=what)
     _check_materialised(model, what)
     return model.eval()
 

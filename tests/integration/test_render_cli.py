@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from storyfarm.m2v import video
+from storyfarm.m2v.memory import window
 from storyfarm.m2v.rope import memory_time_positions
 
 CLI = str(Path(sys.executable).with_name("storyfarm"))
@@ -51,11 +52,14 @@ def check_render(out: Path, expected_shots: int, frames: int, size: tuple[int, i
     for kf in manifest["keyframes"]:
         assert (out / kf["file"]).is_file()
     assert (out / "contact_sheet.png").stat().st_size > 0
-    # memory ids are oldest first and only ever name keyframes that existed before the shot
+    # each shot saw exactly StoryMem's window over the keyframes that existed before it:
+    # the story's first 3 kept for good plus the most recent, 10 in all, oldest first
     known: list[str] = [k["id"] for k in manifest["keyframes"] if k["source"] == "reference"]
     for entry in shots:
-        assert all(kid in known for kid in entry["memory_keyframes"])
+        expected = [] if entry["model"] == "t2v" else window(known, long_term=3, max_size=10)
+        assert entry["memory_keyframes"] == expected
         known += entry["new_keyframes"]
+    assert [k["id"] for k in manifest["keyframes"]] == known
     return manifest
 
 
@@ -86,6 +90,10 @@ def test_render_stbench_cat(tmp_path, stbench):
     prompts = [p for scene in source["scenes"] for p in scene["video_prompts"]]
     assert [s["prompt"] for s in manifest["shots"]] == prompts
     assert [s["seed"] for s in manifest["shots"]] == [7 + i for i in range(10)]
+    # the memory filled past the window, so the sliding part and the long-term part both show
+    longest = max(manifest["shots"], key=lambda s: len(s["memory_keyframes"]))
+    assert len(longest["memory_keyframes"]) == 10
+    assert len(manifest["keyframes"]) > 10
 
 
 def test_same_seed_renders_the_same_story(tmp_path, repo):

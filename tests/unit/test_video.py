@@ -66,25 +66,25 @@ def test_bad_frames_are_refused(tmp_path, bad):
 
 def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "shot.mp4"
-    real = av.VideoFrame.from_ndarray
+    real = video.yuv420_frame
     calls = {"n": 0}
 
-    def flaky(array, format):
+    def flaky(rgb):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("encoder died")
-        return real(array, format=format)
+        return real(rgb)
 
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
+    monkeypatch.setattr(video, "yuv420_frame", flaky)
     with pytest.raises(RuntimeError, match="encoder died"):
         write_mp4(path, gradient_clip(), fps=8)
     assert list(tmp_path.iterdir()) == []  # no final file, no temporary
 
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", real)
+    monkeypatch.setattr(video, "yuv420_frame", real)
     write_mp4(path, gradient_clip(frames=4), fps=8)
     before = sha256_file(path)
     calls["n"] = 0
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
+    monkeypatch.setattr(video, "yuv420_frame", flaky)
     with pytest.raises(RuntimeError):
         write_mp4(path, gradient_clip(), fps=8)
     assert sha256_file(path) == before
@@ -183,3 +183,35 @@ def test_sha256_file(tmp_path):
     data = bytes(range(256)) * 5000
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_yuv_frame_is_fully_determined_and_matches_bt601():
+    """Every byte of every plane (padding included) is set; luma agrees with swscale's BT.601."""
+    rgb = np.random.default_rng(1).integers(0, 256, (36, 90, 3), dtype=np.uint8)  # 90: padded lines
+    frame = video.yuv420_frame(rgb)
+    assert frame.planes[0].line_size > 90
+    again = video.yuv420_frame(rgb)
+    assert [bytes(p) for p in frame.planes] == [bytes(p) for p in again.planes]
+    ref = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    ours = np.frombuffer(bytes(frame.planes[0]), np.uint8).reshape(36, -1)[:, :90].astype(int)
+    theirs = np.frombuffer(bytes(ref.planes[0]), np.uint8).reshape(36, -1)[:, :90].astype(int)
+    assert np.abs(ours - theirs).max() <= 1
+    padding = np.frombuffer(bytes(frame.planes[0]), np.uint8).reshape(36, -1)[:, 90:]
+    assert (padding == ours[:, -1:]).all()  # edge-replicated, never left as it was allocated
+
+
+def test_x264_instruction_sets_follow_the_cpu_without_avx512():
+    flags = "flags\t\t: fpu mmx mmxext sse sse2 ssse3 sse4_1 sse4_2 avx fma bmi1 bmi2 avx2 abm avx512f avx512bw\n"
+    asm = video.x264_asm("processor : 0\n" + flags)
+    assert asm.split(",") == ["MMX2", "SSE2Fast", "SSSE3", "SSE4", "SSE4.2", "AVX", "FMA3", "BMI1", "BMI2", "AVX2", "LZCNT"]
+    assert "AVX512" not in asm
+    # an older CPU: only what it has (naming a set the CPU lacks would crash the encoder)
+    assert video.x264_asm("flags : mmx mmxext sse sse2 ssse3\n") == "MMX2,SSE2Fast,SSSE3"
+    assert video.x264_asm("no flags line here") is None
+
+
+def test_encoding_the_same_frames_gives_the_same_bytes(tmp_path):
+    clip = np.random.default_rng(3).integers(0, 256, (9, 32, 64, 3), dtype=np.uint8)
+    for name in ("a.mp4", "b.mp4"):
+        write_mp4(tmp_path / name, clip, fps=16)
+    assert sha256_file(tmp_path / "a.mp4") == sha256_file(tmp_path / "b.mp4")

@@ -1,0 +1,52 @@
+"""Presets: packaged ones load with DESIGN.md §4 defaults; bad values name the field."""
+
+import pytest
+
+from storyfarm.m2v.preset import PresetError, load_preset, packaged_presets
+
+
+def test_packaged_presets_load():
+    assert {"tiny", "wan2.2-i2v-a14b-storymem", "wan2.2-i2v-a14b-storymem-mm2v"} <= set(packaged_presets())
+    for name in packaged_presets():
+        assert load_preset(name).name == name
+
+
+def test_real_preset_carries_the_published_defaults(monkeypatch):
+    monkeypatch.setenv("STORYFARM_MODELS", "/srv/models")
+    p = load_preset("wan2.2-i2v-a14b-storymem")
+    r = p.render
+    assert (r.resolution, r.frames, r.fps, r.steps, r.shift, r.guidance, r.boundary, r.solver) == (
+        (832, 480), 81, 16, 40, 4.0, (3.5, 3.5), 0.9, "unipc")
+    assert (p.memory.long_term, p.memory.max_size, p.memory.position_stride) == (3, 10, 5)
+    assert (p.keyframes.threshold, p.keyframes.max_per_shot, p.keyframes.step) == (0.9, 3, 0.01)
+    assert p.weights.base == "/srv/models/Wan2.2-I2V-A14B-Diffusers"
+    assert p.weights.lora.variant == "mi2v" and p.weights.lora.strength == 1.0
+    assert load_preset("wan2.2-i2v-a14b-storymem-mm2v").render.continuation == "motion_frames"
+
+
+def test_relative_paths_resolve_next_to_the_preset(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("name: x\nsource: local\nweights: {base: models/wan}\n")
+    assert load_preset(str(f)).weights.base == str(tmp_path / "models" / "wan")
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("name: x\nsource: random\narchitecture: {transformer: {}, vae: {}, text_encoder: {}}\nrender: {frames: 80}\n", "render: frames 80"),
+        ("name: x\nsource: random\narchitecture: {transformer: {}, vae: {}, text_encoder: {}}\nrender: {stepz: 3}\n", "render.stepz"),
+        ("name: x\nsource: local\n", "weights: required"),
+        ("name: x\nsource: cloud\n", "source"),
+        ("name: x\nsource: random\narchitecture: {transformer: {}, vae: {}, text_encoder: {}}\nrender: {resolution: [100, 64]}\n", "multiples of 16"),
+    ],
+)
+def test_bad_presets_name_the_field(tmp_path, body, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(body)
+    with pytest.raises(PresetError, match=needle):
+        load_preset(str(f))
+
+
+def test_unknown_preset_lists_the_packaged_ones():
+    with pytest.raises(PresetError, match="tiny"):
+        load_preset("no-such-preset")
