@@ -143,6 +143,9 @@ def cmd_render(args, console: Console) -> int:
 
     from storyfarm.m2v.engine import Engine
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return _bad_input(console, ValueError(f"--device {args.device}: no CUDA device is visible here (use --device cpu)"))
+
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = RenderSettings(seed=args.seed, steps=args.steps, frames=args.frames, resolution=args.resolution)

@@ -154,6 +154,7 @@ class StoryRenderer:
         mem = self.preset.memory
         shots_meta: list[dict] = []
         shot_files: list[Path] = []
+        middles: list[tuple[str, np.ndarray]] = []  # contact-sheet tiles, kept instead of re-decoding
         previous: np.ndarray | None = None
         if progress:
             progress.story_start(story, len(story.shots))
@@ -195,6 +196,7 @@ class StoryRenderer:
                     "scene": shot.scene,
                     "shot": shot.shot,
                     "prompt": shot.prompt,
+                    "first_frame_prompt": shot.first_frame_prompt,
                     "seed": plan.seed,
                     "cut": shot.cut,
                     "transition": transition,
@@ -215,6 +217,7 @@ class StoryRenderer:
                 }
                 shots_meta.append(entry)
                 shot_files.append(path)
+                middles.append((f"shot {shot.index + 1} (scene {shot.scene}.{shot.shot})", result.frames[len(result.frames) // 2]))
                 previous = result.frames
                 if progress:
                     progress.shot_done(shot, entry)
@@ -222,9 +225,8 @@ class StoryRenderer:
             self.engine.pool.release(story_key)
 
         video.concat_mp4(out / "story.mp4", shot_files, self.preset.render.fps)
-        tiles = [(f"shot {e['index'] + 1} (scene {e['scene']}.{e['shot']})", video.read_mp4(out / e["file"])[e["frames"] // 2]) for e in shots_meta]
-        tiles += [(k.id, img) for k, img in zip(bank.keyframes, bank.images([k.id for k in bank.keyframes]))]
-        video.contact_sheet(tiles, out / "contact_sheet.png")
+        keyframe_tiles = list(zip([k.id for k in bank.keyframes], bank.images([k.id for k in bank.keyframes])))
+        video.contact_sheet(middles + keyframe_tiles, out / "contact_sheet.png")
         manifest = {
             "version": MANIFEST_VERSION,
             "story": {"name": story.name, "source": story.source, "format": story.format, "warnings": list(story.warnings)},
