@@ -11,7 +11,6 @@ shot files (never a glob), and models (reward model included) load once per stor
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from storyfarm.m2v import video
 from storyfarm.m2v.engine import Engine, ShotPlan
+from storyfarm.m2v.files import write_json
 from storyfarm.m2v.keyframes import KeyframeSelector
 from storyfarm.m2v.memory import MemoryBank
 from storyfarm.m2v.references import load_reference_image
@@ -52,15 +52,6 @@ class RenderSettings:
     steps: int | None = None
     frames: int | None = None
     resolution: tuple[int, int] | None = None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_output(out_dir: str | os.PathLike) -> None:
@@ -102,12 +93,12 @@ class StoryRenderer:
             max_candidates=k.candidates,
         )
 
-    def _add_references(self, bank: MemoryBank, paths, field: str) -> None:
+    def _add_references(self, bank: MemoryBank, paths, field: str, for_shot: int | None) -> None:
         """Reference images join the memory with their CLIP embeddings, so shot keyframes that
         merely repeat a reference are de-duplicated against it."""
         images = [load_reference_image(p, f"{field}[{i}]") for i, p in enumerate(paths)]
         embeddings = [self.selector.embedder.embed(img[None])[0] for img in images]
-        bank.add_references(images, embeddings=embeddings)
+        bank.add_references(images, embeddings=embeddings, for_shot=for_shot)
 
     def base_seed(self, story: Story) -> int:
         if self.settings.seed is not None:
@@ -135,6 +126,117 @@ class StoryRenderer:
             ),
         )
 
+    def shot_file(self, shot: ShotSpec) -> str:
+        """The shot's clip, relative to the story folder (names are made here, never by users)."""
+        return f"shots/{shot.index + 1:03d}_scene{shot.scene:02d}_shot{shot.shot:02d}.mp4"
+
+    def _continuation_frames(self, story: Story, shot: ShotSpec, out: Path) -> tuple[str | None, np.ndarray | None]:
+        """MI2V / MM2V: the last frame(s) of the previous shot as published (as the official
+        pipeline reads them from the saved clip), so a shot renders the same in any process."""
+        if shot.cut or shot.index == 0:
+            return None, None
+        transition = shot.transition or self.preset.render.continuation
+        count = 1 if transition == "first_frame" else self.preset.render.motion_frames
+        previous = out / self.shot_file(story.shots[shot.index - 1])
+        if not previous.is_file():
+            raise FileNotFoundError(f"{shot.path}: continues shot {shot.index} but {previous} is missing")
+        return transition, video.read_mp4(previous)[-count:]
+
+    def render_shot(self, story: Story, shot: ShotSpec, out_dir: str | os.PathLike, on_step=None, progress: Progress | None = None) -> dict:
+        """Render one shot into a story folder and return its manifest entry.
+
+        Needs only the folder: the memory bank on disk (rewound to the moment before this shot,
+        so a retried or re-rendered shot sees exactly the memory it saw the first time) and, for a
+        continuation, the previous shot's clip. Safe to call in a fresh process for any shot whose
+        predecessors are published.
+        """
+        out = Path(out_dir)
+        bank = MemoryBank.open(out / "keyframes")
+        bank.rewind(shot.index)
+        if shot.index == 0 and story.references and not any(k.source == "reference" for k in bank.keyframes):
+            self._add_references(bank, story.references, "references", None)
+        if shot.references:
+            self._add_references(bank, shot.references, f"{shot.path}.references", shot.index)
+        plan = self.plan(story, shot, f"story:{out.resolve()}", self.base_seed(story))
+        mem = self.preset.memory
+        window = bank.window_ids(mem.long_term, mem.max_size)
+        plan.memory = list(zip(window, bank.images(window)))
+        transition, plan.known_frames = self._continuation_frames(story, shot, out)
+        plan.use_t2v = shot.index == 0 and self.preset.render.first_shot == "t2v"
+        if progress:
+            progress.shot_start(shot, plan)
+        result = self.engine.render_shot(plan, on_step=on_step)
+        # A continuation's leading frames re-create the previous shot's last frame(s) it was
+        # conditioned on; as in StoryMem, they are dropped so joins neither repeat nor stutter
+        # (and keyframe selection cannot pick a copy of the previous shot).
+        repeated = 0 if plan.known_frames is None else len(plan.known_frames)
+        frames = result.frames[repeated:]
+        seconds = dict(result.seconds)
+        name = self.shot_file(shot)
+        t0 = time.perf_counter()
+        video.write_mp4(out / name, frames, self.preset.render.fps)
+        seconds["mp4_encode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        picked = self.selector.select(frames, bank.embeddings())
+        # frame indices in the manifest and keyframe ids count frames of the published clip
+        new = bank.add_shot_keyframes(shot.index, [(i, frames[i], emb) for i, emb in picked])
+        seconds["keyframes"] = time.perf_counter() - t0
+        return {
+            "index": shot.index,
+            "scene": shot.scene,
+            "shot": shot.shot,
+            "prompt": shot.prompt,
+            "first_frame_prompt": shot.first_frame_prompt,
+            "seed": plan.seed,
+            "cut": shot.cut,
+            "transition": transition,
+            "model": result.model,
+            "file": name,
+            "sha256": video.sha256_file(out / name),
+            "frames": int(frames.shape[0]),
+            "rendered_frames": int(result.frames.shape[0]),
+            "width": plan.width,
+            "height": plan.height,
+            "fps": self.preset.render.fps,
+            "steps": plan.sampler.steps,
+            "guidance": list(plan.sampler.guidance),
+            "shift": plan.sampler.shift,
+            "memory_keyframes": result.memory_ids,
+            "rope_time_positions": result.time_positions,
+            "new_keyframes": [k.id for k in new],
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        }
+
+    def finish(self, story: Story, out_dir: str | os.PathLike, entries: list[dict], seconds_total: float | None = None) -> dict:
+        """Assemble the story video (from the explicit list of shot files), the contact sheet and
+        manifest.json once every shot is published; returns the manifest."""
+        out = Path(out_dir)
+        bank = MemoryBank.load(out / "keyframes")
+        video.concat_mp4(out / "story.mp4", [out / e["file"] for e in entries], self.preset.render.fps)
+        tiles = [(f"shot {e['index'] + 1} (scene {e['scene']}.{e['shot']})", video.read_mp4(out / e["file"])[e["frames"] // 2]) for e in entries]
+        ids = bank.snapshot()
+        tiles += list(zip(ids, bank.images(ids)))
+        video.contact_sheet(tiles, out / "contact_sheet.png")
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "story": {"name": story.name, "source": story.source, "format": story.format, "warnings": list(story.warnings)},
+            "preset": self.preset.name,
+            "seed": self.base_seed(story),
+            "story_file": "story.mp4",
+            "story_sha256": video.sha256_file(out / "story.mp4"),
+            "contact_sheet": "contact_sheet.png",
+            "keyframes": [
+                {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index, "file": f"keyframes/{Path(k.image_path).name}"}
+                for k in bank.keyframes
+            ],
+            "shots": entries,
+            "latent_pool": self.engine.pool.stats.as_dict(),
+        }
+        if seconds_total is not None:
+            manifest["seconds_total"] = round(seconds_total, 3)
+        write_json(out / "manifest.json", manifest)
+        return manifest
+
     def render(
         self,
         story: Story,
@@ -142,20 +244,11 @@ class StoryRenderer:
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> dict:
+        """The whole story, shot after shot, into `out_dir` (new, empty or an earlier render)."""
         story = check_against_model(story, self.preset.model_limits())
         out = Path(out_dir)
         prepare_output(out)
         started = time.perf_counter()
-        story_key = f"story:{out.resolve()}"
-        bank = MemoryBank(out / "keyframes")
-        if story.references:
-            self._add_references(bank, story.references, "references")
-        base_seed = self.base_seed(story)
-        mem = self.preset.memory
-        shots_meta: list[dict] = []
-        shot_files: list[Path] = []
-        middles: list[tuple[str, np.ndarray]] = []  # contact-sheet tiles, kept instead of re-decoding
-        previous: np.ndarray | None = None
         if progress:
             progress.story_start(story, len(story.shots))
 
@@ -165,83 +258,12 @@ class StoryRenderer:
             if progress:
                 progress.step(step, total, t, expert)
 
+        entries = []
         try:
             for shot in story.shots:
-                if shot.references:
-                    self._add_references(bank, shot.references, f"{shot.path}.references")
-                plan = self.plan(story, shot, story_key, base_seed)
-                window = bank.window_ids(mem.long_term, mem.max_size)
-                plan.memory = list(zip(window, bank.images(window)))
-                transition = None
-                if not shot.cut and previous is not None:
-                    transition = shot.transition or self.preset.render.continuation
-                    count = 1 if transition == "first_frame" else self.preset.render.motion_frames
-                    plan.known_frames = previous[-count:]
-                plan.use_t2v = shot.index == 0 and self.preset.render.first_shot == "t2v"
+                entries.append(self.render_shot(story, shot, out, on_step=on_step, progress=progress))
                 if progress:
-                    progress.shot_start(shot, plan)
-                result = self.engine.render_shot(plan, on_step=on_step)
-                seconds = dict(result.seconds)
-                name = f"{shot.index + 1:03d}_scene{shot.scene:02d}_shot{shot.shot:02d}.mp4"
-                path = out / "shots" / name
-                t0 = time.perf_counter()
-                video.write_mp4(path, result.frames, self.preset.render.fps)
-                seconds["mp4_encode"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                picked = self.selector.select(result.frames, bank.embeddings())
-                new = bank.add_shot_keyframes(shot.index, [(i, result.frames[i], emb) for i, emb in picked])
-                seconds["keyframes"] = time.perf_counter() - t0
-                entry = {
-                    "index": shot.index,
-                    "scene": shot.scene,
-                    "shot": shot.shot,
-                    "prompt": shot.prompt,
-                    "first_frame_prompt": shot.first_frame_prompt,
-                    "seed": plan.seed,
-                    "cut": shot.cut,
-                    "transition": transition,
-                    "model": result.model,
-                    "file": f"shots/{name}",
-                    "sha256": video.sha256_file(path),
-                    "frames": int(result.frames.shape[0]),
-                    "width": plan.width,
-                    "height": plan.height,
-                    "fps": self.preset.render.fps,
-                    "steps": plan.sampler.steps,
-                    "guidance": list(plan.sampler.guidance),
-                    "shift": plan.sampler.shift,
-                    "memory_keyframes": result.memory_ids,
-                    "rope_time_positions": result.time_positions,
-                    "new_keyframes": [k.id for k in new],
-                    "seconds": {k: round(v, 4) for k, v in seconds.items()},
-                }
-                shots_meta.append(entry)
-                shot_files.append(path)
-                middles.append((f"shot {shot.index + 1} (scene {shot.scene}.{shot.shot})", result.frames[len(result.frames) // 2]))
-                previous = result.frames
-                if progress:
-                    progress.shot_done(shot, entry)
+                    progress.shot_done(shot, entries[-1])
         finally:
-            self.engine.pool.release(story_key)
-
-        video.concat_mp4(out / "story.mp4", shot_files, self.preset.render.fps)
-        keyframe_tiles = list(zip([k.id for k in bank.keyframes], bank.images([k.id for k in bank.keyframes])))
-        video.contact_sheet(middles + keyframe_tiles, out / "contact_sheet.png")
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "story": {"name": story.name, "source": story.source, "format": story.format, "warnings": list(story.warnings)},
-            "preset": self.preset.name,
-            "seed": base_seed,
-            "story_file": "story.mp4",
-            "story_sha256": video.sha256_file(out / "story.mp4"),
-            "contact_sheet": "contact_sheet.png",
-            "keyframes": [
-                {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index, "file": f"keyframes/{Path(k.image_path).name}"}
-                for k in bank.keyframes
-            ],
-            "shots": shots_meta,
-            "latent_pool": self.engine.pool.stats.as_dict(),
-            "seconds_total": round(time.perf_counter() - started, 3),
-        }
-        _write_json(out / "manifest.json", manifest)
-        return manifest
+            self.engine.pool.release(f"story:{out.resolve()}")
+        return self.finish(story, out, entries, time.perf_counter() - started)

@@ -128,7 +128,7 @@ class Engine:
         sampler = plan.sampler
         if use_t2v:
             experts, conditioning, num_memory = self.t2v_experts, None, 0
-            sampler = replace(sampler, boundary=self.preset.render.t2v_boundary)
+            sampler = replace(sampler, boundary=self.preset.render.t2v_boundary, shift=self.preset.render.t2v_shift)
         else:
             with watch.stage("memory_encode"):
                 memory = self.memory_latents(plan)

@@ -56,16 +56,14 @@ class FrameEmbedder(Protocol):
 
 
 def clip_pixels(frames: torch.Tensor, image_size: int) -> torch.Tensor:
-    """CLIP preprocessing of uint8 [T, H, W, 3]: bicubic resize of the shortest side to
-    `image_size` (antialiased, like PIL), centre crop, scale to [0, 1], normalise. -> float32 [T, 3, S, S]."""
+    """CLIP preprocessing of uint8 [T, H, W, 3] as StoryMem's keyframe selection does it: the whole
+    frame resized (bilinear, antialiased) to image_size x image_size — no centre crop, which would
+    hide a 16:9 frame's sides (pans, characters entering) from the similarity test — then scaled
+    to [0, 1] and normalised. -> float32 [T, 3, S, S]."""
     x = frames.permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    scale = image_size / min(h, w)
-    size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
-    if size != (h, w):
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-    x = x[..., top:top + image_size, left:left + image_size].clamp(0, 255) / 255.0
+    if tuple(x.shape[-2:]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    x = x.clamp(0, 255) / 255.0
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

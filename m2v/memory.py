@@ -168,14 +168,29 @@ class MemoryBank:
         return images
 
     # ---- changing --------------------------------------------------------------------------
+    def rewind(self, shot_index: int) -> int:
+        """Forget everything added for shot `shot_index` or later (its references, its keyframes).
+
+        A shot that is rendered again (a retry after a crash, a re-render) must see the memory as it
+        stood before that shot; additions are chronological, so what stays is a prefix.
+        Returns how many keyframes were dropped.
+        """
+        kept = [k for k in self._keyframes if k.shot_index is None or k.shot_index < shot_index]
+        dropped = len(self._keyframes) - len(kept)
+        if dropped:
+            self._commit_remove(kept)
+        return dropped
+
     def add_references(
         self,
         images: Sequence[np.ndarray],
         ids: Sequence[str] | None = None,
         embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        for_shot: int | None = None,
     ) -> list[Keyframe]:
-        """Add reference images (MR2V): a story's are its first memory entries; a shot's join
-        the memory before that shot renders.
+        """Add reference images (MR2V): a story's are its first memory entries (`for_shot` None);
+        a shot's join the memory before that shot renders (`for_shot` = its index, so `rewind`
+        knows when they came).
 
         Pass `embeddings` (one per image, same embedder as the shot keyframes) so that shot
         keyframes duplicating a reference are de-duplicated against it.
@@ -186,7 +201,7 @@ class MemoryBank:
         if len(ids) != len(images) or (embeddings is not None and len(embeddings) != len(images)):
             raise ValueError("images, ids and embeddings must have the same length")
         embs = [None] * len(images) if embeddings is None else [_as_embedding(e) for e in embeddings]
-        entries = [("reference", None, None, i, img, e) for i, img, e in zip(ids, images, embs)]
+        entries = [("reference", for_shot, None, i, img, e) for i, img, e in zip(ids, images, embs)]
         self._commit_add(self._prepare(entries, self._keyframes))
         return self._keyframes[-len(entries):] if entries else []
 
@@ -200,7 +215,7 @@ class MemoryBank:
         """
         if shot_index < 0:
             raise ValueError(f"shot_index must be >= 0, got {shot_index}")
-        previous = [n for n, k in enumerate(self._keyframes) if k.shot_index == shot_index]
+        previous = [n for n, k in enumerate(self._keyframes) if k.shot_index == shot_index and k.source == "shot"]
         if previous and previous != list(range(previous[0], len(self._keyframes))):
             raise ValueError(f"shot {shot_index} already has keyframes and later keyframes follow them")
         kept = self._keyframes[: previous[0]] if previous else self._keyframes

@@ -43,6 +43,7 @@ class RenderDefaults(_Strict):
     guidance: tuple[float, float] = (3.5, 3.5)  # high-noise, low-noise expert
     boundary: float = Field(0.9, gt=0, lt=1)
     t2v_boundary: float = Field(0.875, gt=0, lt=1)
+    t2v_shift: float = Field(12.0, gt=0)  # Wan2.2-T2V-A14B's sampling shift, used for T2V first shots
     solver: Literal["unipc", "euler"] = "unipc"
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     continuation: Literal["first_frame", "motion_frames"] = "first_frame"
@@ -63,7 +64,7 @@ class KeyframeSettings(_Strict):
     dedupe_threshold: float = Field(0.9, gt=0, le=1)
     gate: Literal["hpsv3", "quality", "off"] = "quality"
     gate_threshold: float | None = None  # None: the gate's own default
-    candidates: int = Field(32, ge=2)
+    candidates: int = Field(81, ge=2)  # frames walked per shot (StoryMem walks all 81)
 
 
 class LimitSettings(_Strict):
@@ -143,14 +144,14 @@ class Preset(_Strict):
         )
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_path(value: str, base_dir: Path) -> str:
     def sub(m):
         return os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0))
 
-    expanded = os.path.expanduser(_VAR.sub(sub, value))
+    expanded = os.path.expanduser(VAR_PATTERN.sub(sub, value))
     return str((base_dir / expanded).resolve()) if not os.path.isabs(expanded) else expanded
 
 
@@ -171,7 +172,7 @@ def _expand_weight_paths(data: dict, base_dir: Path) -> dict:
     return {**data, "weights": out}
 
 
-def _format_errors(exc: ValidationError, origin: str) -> str:
+def format_validation_errors(exc: ValidationError, origin: str) -> str:
     lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "<root>"
@@ -180,10 +181,10 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -211,13 +212,13 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> Preset:
     if not isinstance(data, dict):
         raise PresetError(f"{origin}: expected a mapping at the top level")
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     data = _expand_weight_paths(data, base_dir)
     data["origin"] = origin
     try:
         preset = Preset.model_validate(data)
     except ValidationError as exc:
-        raise PresetError(_format_errors(exc, origin)) from None
+        raise PresetError(format_validation_errors(exc, origin)) from None
     if preset.source == "random" and preset.architecture is None:
         raise PresetError(f"{origin}: architecture: required when source is random")
     if preset.source == "local" and preset.weights is None:

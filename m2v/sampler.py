@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
@@ -56,7 +57,14 @@ def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"
         )
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=settings.shift)
-    scheduler.set_timesteps(settings.steps, device=device)
+    if settings.solver == "unipc":
+        # Wan's FlowUniPCMultistepScheduler starts from linspace(1 - 1/1000, 0, steps + 1) before
+        # the shift; diffusers' default flow sigmas start at 1 and end at 1/1000, which moves the
+        # timesteps the model sees by up to 4. Give diffusers Wan's sigmas (it applies the shift).
+        sigmas = np.linspace(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, 0.0, settings.steps + 1)[:-1]
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+    else:
+        scheduler.set_timesteps(settings.steps, device=device)
     return scheduler
 
 

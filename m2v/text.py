@@ -7,7 +7,23 @@ exactly that, so the same prompt gives the same tensor whether it is encoded alo
 
 from __future__ import annotations
 
+import html
+import re
+
 import torch
+
+try:  # optional, as in Wan and diffusers: fixes mojibake before tokenising
+    import ftfy
+except ImportError:  # pragma: no cover - depends on the environment
+    ftfy = None
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ftfy when installed, HTML entities unescaped, whitespace collapsed."""
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder:
@@ -25,7 +41,7 @@ class TextEncoder:
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """[B, text_len, D] float32, zero past each prompt's token count."""
         tokens = self.tokenizer(
-            prompts,
+            [clean_prompt(p) for p in prompts],
             padding="max_length",
             max_length=self.text_len,
             truncation=True,

@@ -28,6 +28,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def published_frames(entry: dict, rendered: int) -> int:
+    """Continuations drop the frames that re-create the previous shot's end (StoryMem does too)."""
+    return rendered - {None: 0, "first_frame": 1, "motion_frames": 5}[entry["transition"]]
+
+
 def check_render(out: Path, expected_shots: int, frames: int, size: tuple[int, int]) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     shots = manifest["shots"]
@@ -39,7 +44,8 @@ def check_render(out: Path, expected_shots: int, frames: int, size: tuple[int, i
         path = out / entry["file"]
         assert entry["sha256"] == sha256(path)
         decoded = video.read_mp4(path)
-        assert decoded.shape == (frames, height, width, 3) and entry["frames"] == frames
+        assert entry["rendered_frames"] == frames
+        assert decoded.shape == (published_frames(entry, frames), height, width, 3) == (entry["frames"], height, width, 3)
         for key in ("scene", "shot", "prompt", "seed", "cut", "memory_keyframes", "rope_time_positions", "new_keyframes", "seconds"):
             assert key in entry, key
         latent_frames = (frames - 1) // 4 + 1
@@ -47,7 +53,7 @@ def check_render(out: Path, expected_shots: int, frames: int, size: tuple[int, i
         assert entry["rope_time_positions"] == memory_time_positions(m, latent_frames)
         assert {"text_encode", "denoise", "vae_decode", "mp4_encode", "keyframes"} <= set(entry["seconds"])
     story = video.read_mp4(out / "story.mp4")
-    assert story.shape[0] == frames * expected_shots
+    assert story.shape[0] == sum(published_frames(e, frames) for e in shots)
     assert manifest["story_sha256"] == sha256(out / "story.mp4")
     for kf in manifest["keyframes"]:
         assert (out / kf["file"]).is_file()

@@ -78,3 +78,18 @@ def test_bad_sizes_are_refused(tiny_engine):
         tiny_engine.render_shot(plan(frames=10))
     with pytest.raises(ValueError, match="strides"):
         tiny_engine.render_shot(plan(width=72))
+
+
+def test_t2v_first_shot_samples_with_the_t2v_schedule(tiny_engine, monkeypatch):
+    import storyfarm.m2v.engine as engine_module
+
+    seen = []
+    real = engine_module.denoise
+    monkeypatch.setattr(engine_module, "denoise", lambda experts, *a, **kw: seen.append((experts, a[4])) or real(experts, *a, **kw))
+    tiny_engine.render_shot(plan(use_t2v=True))
+    tiny_engine.render_shot(plan(memory=[("k0", image(0))]))
+    (t2v_experts, t2v_settings), (m2v_experts, m2v_settings) = seen
+    render = tiny_engine.preset.render
+    assert t2v_experts is tiny_engine.t2v_experts and m2v_experts is tiny_engine.m2v_experts
+    assert (t2v_settings.shift, t2v_settings.boundary) == (render.t2v_shift, render.t2v_boundary) == (12.0, 0.875)
+    assert (m2v_settings.shift, m2v_settings.boundary) == (4.0, 0.9)

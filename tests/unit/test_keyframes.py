@@ -128,12 +128,15 @@ def test_clip_preprocessing_normalises_with_clip_statistics():
     assert torch.allclose(white[0, :, 0, 0], expected, atol=1e-4)
 
 
-def test_clip_preprocessing_centre_crops_the_long_side():
+def test_clip_preprocessing_keeps_the_whole_frame():
+    """StoryMem squashes the frame to the square input: the sides of a wide frame stay visible."""
     frames = torch.zeros(1, 32, 96, 3, dtype=torch.uint8)
-    frames[:, :, 32:64] = 255  # only the centre third is white
+    frames[:, :, :32] = 255  # the left third is white; a centre crop would lose it entirely
     pixels = kf.clip_pixels(frames, 32)
     white = (1 - kf.CLIP_MEAN[0]) / kf.CLIP_STD[0]
-    assert torch.allclose(pixels[0, 0], torch.full((32, 32), white), atol=1e-3)
+    black = (0 - kf.CLIP_MEAN[0]) / kf.CLIP_STD[0]
+    assert torch.allclose(pixels[0, 0, :, :8], torch.full((32, 8), white), atol=1e-3)
+    assert torch.allclose(pixels[0, 0, :, -8:], torch.full((32, 8), black), atol=1e-3)
 
 
 def test_tiny_clip_embedder_shapes_norms_and_identity(tiny):

@@ -148,3 +148,24 @@ def test_cfg_combination_is_text_only_guidance():
     out = denoise((e, e), torch.zeros(1, 16, 1, 1, 1), text, neg, [0], settings)
     # prediction = neg + 3*(text-neg) = 4; one Euler step from sigma 1 to 0: x - 1*4
     torch.testing.assert_close(out, torch.full_like(out, -4.0))
+
+
+def test_unipc_schedule_is_wans():
+    """Wan's FlowUniPC: sigmas linspace(1 - 1/1000, 0, N+1)[:-1], shifted s' = k*s / (1 + (k-1)*s),
+    timesteps s' * 1000 (computed here by hand, independently of diffusers)."""
+    from storyfarm.m2v.sampler import make_scheduler
+
+    steps, shift = 40, 4.0
+    base = torch.linspace(1 - 1 / 1000, 0, steps + 1, dtype=torch.float64)[:-1]
+    shifted = shift * base / (1 + (shift - 1) * base)
+    scheduler = make_scheduler(SamplerSettings(steps=steps, shift=shift))
+    torch.testing.assert_close(scheduler.timesteps.double(), (shifted * 1000).round(), atol=1.0, rtol=0)
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), shifted, atol=1e-6, rtol=0)
+    assert scheduler.sigmas[-1] == 0
+    assert sum(float(t) >= 900 for t in scheduler.timesteps) == 13  # steps on the high-noise expert
+
+
+def test_prompts_are_cleaned_like_wans():
+    from storyfarm.m2v.text import clean_prompt
+
+    assert clean_prompt("  A cat&amp;dog \n\n  at   dusk ") == "A cat&dog at dusk"

@@ -234,3 +234,20 @@ def test_crash_while_replacing_a_retried_shot(tmp_path, monkeypatch):
     again = MemoryBank.load(tmp_path)
     assert torch.equal(again.embeddings()[1], emb(5))
     assert np.array_equal(again.images(["s001f002"])[0], image(5))
+
+
+def test_rewind_restores_the_memory_before_a_shot(tmp_path):
+    bank = MemoryBank(tmp_path)
+    bank.add_references([image(1)], embeddings=[emb(1)])  # story-level: kept for good
+    bank.add_shot_keyframes(0, shot(0, [0, 5]))
+    bank.add_references([image(2)], embeddings=[emb(2)], for_shot=1)  # joined before shot 1
+    bank.add_shot_keyframes(1, shot(1, [3]))
+    bank.add_shot_keyframes(2, shot(2, [1]))
+    assert bank.snapshot() == ["ref00", "s000f000", "s000f005", "ref01", "s001f003", "s002f001"]
+    assert bank.rewind(1) == 3  # shot 1's reference and keyframes, and everything after
+    assert bank.snapshot() == ["ref00", "s000f000", "s000f005"]
+    assert MemoryBank.load(tmp_path).snapshot() == bank.snapshot()  # on disk too
+    assert not (tmp_path / "s002f001.png").exists()
+    assert bank.rewind(5) == 0
+    # re-adding shot 1's reference gets the same id again
+    assert [k.id for k in bank.add_references([image(2)], embeddings=[emb(2)], for_shot=1)] == ["ref01"]

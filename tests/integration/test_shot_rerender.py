@@ -1,0 +1,48 @@
+"""A shot rendered again, in a fresh renderer, from the story folder alone gives the same shot.
+
+This is what a daemon worker does after a crash (and what re-rendering a shot will build on): the
+memory bank is rewound to the moment before the shot, the continuation frames are read from the
+previous shot's published clip, and the result is byte-identical.
+"""
+
+import json
+
+from storyfarm.m2v.driver import RenderSettings, StoryRenderer
+from storyfarm.m2v.memory import MemoryBank
+from storyfarm.m2v.story import check_against_model, parse_story
+
+STORY = {
+    "seed": 21,
+    "references": [],
+    "shots": [
+        {"prompt": "a lighthouse on a cliff at dusk"},
+        {"prompt": "the keeper climbs the stairs", "cut": False},
+        {"prompt": "the lamp turns on over the sea"},
+        {"prompt": "a gull lands on the rail", "cut": False, "transition": "motion_frames"},
+    ],
+}
+
+
+def test_rerendering_a_middle_shot_reproduces_it(tiny_engine, tmp_path):
+    settings = RenderSettings(frames=9, resolution=(64, 32), steps=2)
+    story = check_against_model(parse_story(STORY), tiny_engine.preset.model_limits())
+    out = tmp_path / "story"
+    manifest = StoryRenderer(tiny_engine, settings).render(story, out)
+    bank_before = json.loads((out / "keyframes" / "memory.json").read_text())
+    shots = manifest["shots"]
+    assert [s["transition"] for s in shots] == [None, "first_frame", None, "motion_frames"]
+    assert [s["frames"] for s in shots] == [9, 8, 9, 4]  # repeated conditioning frames dropped
+
+    # a crashed attempt of shot 2 left its keyframes and a later shot's in the bank: rewind drops them
+    fresh = StoryRenderer(tiny_engine, settings)
+    again = fresh.render_shot(story, story.shots[1], out)
+    for key in ("sha256", "memory_keyframes", "rope_time_positions", "new_keyframes", "seed", "frames"):
+        assert again[key] == shots[1][key], key
+    bank = MemoryBank.load(out / "keyframes")
+    known_before_2 = [k for k in bank_before["keyframes"] if k["shot_index"] is None or k["shot_index"] <= 1]
+    assert bank.snapshot() == [k["id"] for k in known_before_2]
+    # and the rest of the story continues from there exactly as before
+    for shot in story.shots[2:]:
+        redo = fresh.render_shot(story, shot, out)
+        assert redo["sha256"] == shots[shot.index]["sha256"]
+    assert json.loads((out / "keyframes" / "memory.json").read_text()) == bank_before
