@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test clean
+.PHONY: demo test proto clean
 
 # The venv is a file target: rebuilt when the project's dependencies change.
 $(VENV): pyproject.toml constraints-cpu.txt
@@ -20,6 +20,10 @@ demo: $(VENV)
 
 test: $(VENV)
 	$(VENV)/bin/pytest -q
+
+# Regenerate proto/storyfarm/v1/*_pb2*.py after editing render.proto (tests check they match).
+proto: $(VENV)
+	PYTHON=$(PY) proto/generate.sh
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,6 +1,7 @@
 """Packaging: storyfarm.* import names, packaged presets, no bare top-level daemon/kernels/... modules."""
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,8 +31,11 @@ def test_story_module_needs_no_torch():
 
 
 def test_wheel_holds_only_the_storyfarm_namespace(tmp_path, repo):
+    # build from a copy: setuptools leaves build/ behind in the source tree it builds
+    source = tmp_path / "src"
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(".venv", ".git", "out", "var", "build", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True,
     )
     if out.returncode != 0:
@@ -43,4 +47,5 @@ def test_wheel_holds_only_the_storyfarm_namespace(tmp_path, repo):
     assert "storyfarm/configs/models/tiny.yaml" in names
     assert "storyfarm/configs/stories/lighthouse.yaml" in names
     assert "storyfarm/daemon/cli.py" in names and "storyfarm/m2v/engine.py" in names
+    assert "storyfarm/v1/render_pb2.py" in names and "storyfarm/v1/render.proto" in names
     assert not any(n.startswith("storyfarm/__init__") for n in names)  # implicit namespace
