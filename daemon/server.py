@@ -1,0 +1,152 @@
+"""`storyfarm serve`: the daemon process, CUDA-free, with its workers, store and gRPC server.
+
+Start-up order: open the store and recover (shots left running by a dead daemon go back to the
+queue), sweep temporary files, start the workers, the dispatcher and the gRPC server; health says
+SERVING only once a worker has loaded and warmed its model. SIGTERM/SIGINT: health goes
+NOT_SERVING at once, new submits are refused, running shots get `grace_seconds` to finish (else
+they are left to re-run after restart: nothing acknowledged is lost), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from storyfarm.daemon.artifacts import ArtifactStore
+from storyfarm.daemon.auth import AuthInterceptor, Authorizer
+from storyfarm.daemon.config import DaemonConfig
+from storyfarm.daemon.dispatcher import Dispatcher
+from storyfarm.daemon.events import EventHub
+from storyfarm.daemon.servicer import RenderServicer
+from storyfarm.daemon.store import JobStore
+from storyfarm.m2v.preset import load_preset
+from storyfarm.scheduler.pool import WorkerPool
+from storyfarm.v1 import render_pb2, render_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name
+
+
+def worker_devices(config: DaemonConfig) -> list[str]:
+    """Devices for the workers: CUDA devices when asked for (or found, with `auto`), else CPU."""
+    if config.device == "cuda" or config.device == "auto":
+        try:
+            import pynvml  # nvidia-ml-py: no torch, no CUDA context in the parent
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - NVML absent or no driver
+            count = 0
+        if count:
+            return [f"cuda:{i % count}" for i in range(config.workers)]
+        if config.device == "cuda":
+            raise RuntimeError("device: cuda asked for, but NVML finds no GPU")
+        log.warning("no GPU found through NVML: running %d CPU worker(s)", config.workers)
+    return ["cpu"] * config.workers
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.preset = load_preset(config.preset)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
+        self.store = JobStore.open(config.data_dir / "storyfarm.db", max_attempts=config.max_attempts)
+        self.artifacts = ArtifactStore(config.data_dir)
+        self.hub = EventHub()
+        self.pool = WorkerPool(config.preset, worker_devices(config))
+        self.dispatcher = Dispatcher(self.store, self.pool, self.artifacts, self.hub)
+        self.servicer = RenderServicer(config, self.preset, self.store, self.artifacts, self.hub, self.dispatcher)
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+        self.stopped = threading.Event()
+        self.port: int | None = None
+
+    def _lock_data_dir(self) -> None:
+        """One daemon per data dir: a second one would 'recover' the first one's running shots."""
+        import fcntl
+
+        self._lock_file = open(self.config.data_dir / "daemon.lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"data_dir: {self.config.data_dir} is in use by another storyfarm daemon") from None
+
+    def start(self) -> None:
+        recovered = self.store.recover()
+        if recovered:
+            log.warning("recovered %d shot(s) left running by a previous daemon", recovered)
+        self.artifacts.sweep_temporaries()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        limits = self.config.limits
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=min(64, limits.max_concurrent_rpcs), thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(Authorizer(self.config.auth))],
+            options=[("grpc.max_receive_message_length", limits.max_message_bytes),
+                     ("grpc.max_send_message_length", limits.max_message_bytes)],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+        render_pb2_grpc.add_RenderServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.config.reflection:
+            reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise RuntimeError(f"listen: cannot bind {self.config.listen}")
+        self.pool.start()
+        self.dispatcher.start()
+        self.server.start()
+        threading.Thread(target=self._mark_serving, name="storyfarm-health", daemon=True).start()
+        log.info("storyfarm listening on %s (preset %s, %d worker(s))", self.config.listen, self.preset.name, len(self.pool.workers))
+
+    def _mark_serving(self) -> None:
+        while not self.stopped.is_set() and not self.pool.ready:
+            time.sleep(0.1)
+        if not self.stopped.is_set():
+            for name in ("", SERVICE):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("workers ready: SERVING")
+
+    def shutdown(self) -> None:
+        """Graceful stop: NOT_SERVING, refuse submits, let running shots finish within the grace."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.servicer.accepting = False
+        self.dispatcher.draining = True
+        deadline = time.monotonic() + self.config.grace_seconds
+        while time.monotonic() < deadline and any(w.task is not None for w in self.pool.workers.values()):
+            time.sleep(0.2)
+        self.dispatcher.stop()
+        self.dispatcher.join(timeout=5)
+        self.pool.stop(grace=2.0)
+        if self.server is not None:
+            self.server.stop(grace=1.0).wait(5)
+        self.store.close()
+        self._lock_file.close()
+        log.info("storyfarm stopped")
+
+
+def serve(config: DaemonConfig) -> int:
+    daemon = Daemon(config)
+    done = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=lambda: (daemon.shutdown(), done.set()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    done.wait()
+    return 0

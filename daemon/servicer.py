@@ -1,0 +1,284 @@
+"""storyfarm.v1.RenderService: translates messages to store, artifact and pool calls.
+
+No scheduling or rendering happens here. Each handler checks the caller's project against the
+principal the auth interceptor set, calls one store operation (one transaction), and converts the
+result; every refusal is a rich status from daemon.errors. Watches replay durable events from the
+store's log (resumable by seq) and add live per-step progress and heartbeats from the event hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import grpc
+
+from storyfarm.daemon import convert
+from storyfarm.daemon.artifacts import ArtifactError, ArtifactStore, OffsetOutOfRange
+from storyfarm.daemon.auth import PermissionDenied, current_principal
+from storyfarm.daemon.config import DaemonConfig
+from storyfarm.daemon.errors import RpcError, invalid, not_found, precondition
+from storyfarm.daemon.events import EventHub
+from storyfarm.daemon.store import JobStore
+from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
+from storyfarm.daemon.submit import check_submit, store_references
+from storyfarm.m2v.preset import Preset
+from storyfarm.v1 import render_pb2 as pb
+from storyfarm.v1 import render_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+FINAL = {"succeeded", "failed", "cancelled"}
+DEFAULT_PROJECT = "default"
+
+
+def _rpc(handler):
+    """Run a unary or streaming handler, turning RpcError and store errors into rich statuses."""
+
+    def translate(exc) -> RpcError:
+        if isinstance(exc, RpcError):
+            return exc
+        if isinstance(exc, NotFound):
+            return RpcError(grpc.StatusCode.NOT_FOUND, str(exc), "STORY_NOT_FOUND")
+        if isinstance(exc, StateError):
+            return precondition(str(exc), "STORY_FINISHED")
+        if isinstance(exc, PermissionDenied):
+            return RpcError(grpc.StatusCode.PERMISSION_DENIED, str(exc), "PROJECT_FORBIDDEN")
+        raise exc
+
+    @functools.wraps(handler)
+    def unary(self, request, context):
+        try:
+            return handler(self, request, context)
+        except (RpcError, NotFound, StateError, PermissionDenied) as exc:
+            context.abort_with_status(translate(exc).status())
+
+    @functools.wraps(handler)
+    def stream(self, request, context):
+        try:
+            yield from handler(self, request, context)
+        except (RpcError, NotFound, StateError, PermissionDenied) as exc:
+            context.abort_with_status(translate(exc).status())
+
+    import inspect
+
+    return stream if inspect.isgeneratorfunction(handler) else unary
+
+
+class RenderServicer(render_pb2_grpc.RenderServiceServicer):
+    def __init__(self, config: DaemonConfig, preset: Preset, store: JobStore, artifacts: ArtifactStore,
+                 hub: EventHub, dispatcher=None, heartbeat_s: float = 5.0):
+        self.config, self.preset, self.store, self.artifacts, self.hub = config, preset, store, artifacts, hub
+        self.dispatcher = dispatcher
+        self.heartbeat_s = heartbeat_s
+        self.accepting = True
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _project_for(self, requested: str) -> str:
+        principal = current_principal()
+        project = requested or (principal.project if principal and principal.project not in ("*", None) else DEFAULT_PROJECT)
+        if principal is not None and not principal.covers(project):
+            raise PermissionDenied(f"token {principal.name!r} may not act on project {project!r}")
+        return project
+
+    def _story(self, story_id: str):
+        if not story_id:
+            raise invalid("story_id is required", "STORY_NOT_FOUND", [("story_id", "a story id such as st_0123456789abcdef")])
+        record = self.store.get_story(story_id)
+        if record is None:
+            raise not_found("story", story_id, "STORY_NOT_FOUND")
+        self._project_for(record.project)
+        return record
+
+    def _story_message(self, record, full=True) -> pb.Story:
+        return convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
+
+    # -- submit --------------------------------------------------------------------------------
+    @_rpc
+    def SubmitStory(self, request, context):
+        if not self.accepting:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down", "SHUTTING_DOWN", retry_after=5.0)
+        if not request.request_id or len(request.request_id) > 128:
+            raise invalid("request_id is required", "INVALID_STORY", [("request_id", "1 to 128 characters, chosen by the client")])
+        if request.preset and request.preset != self.preset.name:
+            raise invalid(f"preset {request.preset!r} is not served here", "UNKNOWN_PRESET", [("preset", f"this daemon serves {self.preset.name}")])
+        project = self._project_for(request.project)
+        for key, value in request.labels.items():
+            if not key or len(key) > 63 or len(value) > 255:
+                raise invalid("bad label", "INVALID_LABEL", [(f"labels[{key}]", "keys 1-63 characters, values up to 255")])
+        checked = check_submit(request, self.preset, self.config.limits)
+        response = pb.SubmitStoryResponse(shot_count=len(checked.shots), warnings=list(checked.story.warnings))
+        if request.validate_only:
+            return response
+        store_references(checked, Path(self.config.data_dir))
+        deadline = request.deadline_time.ToNanoseconds() / 1e9 if request.HasField("deadline_time") else None
+        try:
+            result = self.store.submit_story(
+                request.request_id, project, checked.payload_sha256, checked.story.name or "story", checked.document,
+                checked.shots, priority=request.priority, labels=dict(request.labels), deadline=deadline,
+            )
+        except IdempotencyConflict as exc:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc), "IDEMPOTENCY_CONFLICT",
+                           fields=[("request_id", f"already used for story {exc.story_id} with another payload")]) from None
+        self.hub.changed()
+        response.story_id, response.created = result.story_id, result.created
+        return response
+
+    # -- reading -------------------------------------------------------------------------------
+    @_rpc
+    def GetStory(self, request, context):
+        return self._story_message(self._story(request.story_id), full=request.view != pb.STORY_VIEW_BASIC)
+
+    @_rpc
+    def ListStories(self, request, context):
+        principal = current_principal()
+        project = request.project or (None if principal is None or principal.project == "*" else principal.project)
+        if project is not None:
+            self._project_for(project)
+        states = [convert.STORY_STATE_NAMES[s] for s in request.states if s in convert.STORY_STATE_NAMES] or None
+        labels = list(request.labels.items())
+        try:
+            records, token = self.store.list_stories(
+                project=project, states=states, batch_id=request.batch_id or None, label=labels[0] if labels else None,
+                page_size=request.page_size or 50, page_token=request.page_token or None)
+        except ValueError as exc:
+            raise invalid(str(exc), "INVALID_PAGE_TOKEN", [("page_token", str(exc))]) from None
+        records = [r for r in records if all(r.labels.get(k) == v for k, v in labels[1:])]
+        full = request.view == pb.STORY_VIEW_FULL
+        return pb.ListStoriesResponse(stories=[self._story_message(r, full) for r in records], next_page_token=token or "")
+
+    @_rpc
+    def ListArtifacts(self, request, context):
+        record = self._story(request.story_id)
+        kinds = set(request.kinds)
+        out = [convert.artifact(a) for a in record.artifacts
+               if (not request.HasField("shot_index") or a.shot_index == request.shot_index)
+               and (not kinds or convert.KINDS.get(a.kind) in kinds)]
+        return pb.ListArtifactsResponse(artifacts=out)
+
+    @_rpc
+    def DownloadArtifact(self, request, context):
+        record = self._story(request.story_id)
+        artifact = next((a for a in record.artifacts if a.name == request.name), None)
+        if artifact is None:
+            raise not_found("artifact", f"{request.story_id}/{request.name}", "ARTIFACT_NOT_FOUND")
+        if request.expected_sha256 and request.expected_sha256 != artifact.sha256:
+            raise RpcError(grpc.StatusCode.ABORTED, "the artifact changed since the download started", "ARTIFACT_CHANGED",
+                           fields=[("expected_sha256", f"the artifact is now {artifact.sha256}")])
+        try:
+            handle, size = self.artifacts.open_range(request.story_id, request.name, request.offset)
+        except OffsetOutOfRange as exc:
+            raise RpcError(grpc.StatusCode.OUT_OF_RANGE, str(exc), "OFFSET_OUT_OF_RANGE", fields=[("offset", str(exc))]) from None
+        except ArtifactError as exc:
+            raise not_found("artifact", f"{request.story_id}/{request.name}", "ARTIFACT_NOT_FOUND") from exc
+        with handle:
+            offset, first = request.offset, True
+            while True:
+                data = handle.read(CHUNK_BYTES)
+                if not data and not first:
+                    return
+                chunk = pb.ArtifactChunk(offset=offset, data=data)
+                if first:
+                    chunk.total_size, chunk.sha256 = size, artifact.sha256
+                    chunk.content_type = convert.content_type(artifact.name)
+                    first = False
+                yield chunk
+                offset += len(data)
+                if not data:
+                    return
+
+    # -- control -------------------------------------------------------------------------------
+    def _control(self, story_id: str, operation) -> pb.Story:
+        self._story(story_id)
+        record = operation(story_id)
+        self.hub.changed()
+        return self._story_message(record)
+
+    @_rpc
+    def CancelStory(self, request, context):
+        story = self._control(request.story_id, self.store.request_cancel)
+        if self.dispatcher is not None:
+            self.dispatcher.cancel_running(request.story_id)
+        return story
+
+    @_rpc
+    def PauseStory(self, request, context):
+        return self._control(request.story_id, self.store.request_pause)
+
+    @_rpc
+    def ResumeStory(self, request, context):
+        return self._control(request.story_id, self.store.resume)
+
+    @_rpc
+    def SetPriority(self, request, context):
+        return self._control(request.story_id, lambda sid: self.store.set_priority(sid, request.priority))
+
+    @_rpc
+    def RetryShot(self, request, context):
+        if request.rerender or request.HasField("seed"):
+            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "re-rendering a succeeded shot is not available yet", "SHOT_NOT_RETRYABLE")
+        return self._control(request.story_id, lambda sid: self.store.retry_shot(sid, request.shot_index))
+
+    # -- watching ------------------------------------------------------------------------------
+    @_rpc
+    def WatchStory(self, request, context):
+        record = self._story(request.story_id)
+        seq = request.after_seq
+        events = self.store.events_since(record.id, 0, limit=1_000_000) if seq == 0 else []
+        if seq == 0:
+            seq = events[-1].seq if events else 0
+            yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), story_id=record.id,
+                                snapshot=pb.Snapshot(story=self._story_message(record)))
+        updates = self.hub.subscribe(record.id)
+        try:
+            yield from self._watch_loop(record.id, seq, updates, context)
+        finally:
+            self.hub.unsubscribe(record.id, updates)
+
+    def _watch_loop(self, story_id: str, seq: int, updates, context):
+        version, last_sent = self.hub.version, time.monotonic()
+        while context.is_active():
+            for e in self.store.events_since(story_id, seq):
+                seq = e.seq
+                msg = convert.event(e)
+                if msg is not None:
+                    yield msg
+                    last_sent = time.monotonic()
+            while updates:
+                live = updates.popleft()
+                yield pb.StoryEvent(seq=seq, time=convert.timestamp(live.time), story_id=story_id,
+                                    progress=pb.Progress(shot_index=live.shot_index, stage=convert.STAGES.get(live.stage, 0),
+                                                         step=live.step, total_steps=live.total))
+                last_sent = time.monotonic()
+            if self.store.get_story(story_id).state in FINAL and not self.store.events_since(story_id, seq, limit=1):
+                return
+            if time.monotonic() - last_sent >= self.heartbeat_s:
+                yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), story_id=story_id,
+                                    heartbeat=pb.Heartbeat(server_time=convert.timestamp(time.time())))
+                last_sent = time.monotonic()
+            version = self.hub.wait(version, timeout=min(1.0, self.heartbeat_s))
+
+    # -- pool ----------------------------------------------------------------------------------
+    @_rpc
+    def GetPool(self, request, context):
+        response = pb.GetPoolResponse(draining=bool(self.dispatcher and self.dispatcher.draining))
+        states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY, "dead": pb.WORKER_STATE_FAILED}
+        if self.dispatcher is not None:
+            for w in self.dispatcher.pool.snapshot():
+                worker = response.workers.add(worker_id=w["id"], devices=[w["device"]], state=states[w["state"]], preset=self.preset.name)
+                if w["story_id"]:
+                    worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
+        for state, count in self.store.count_stories_by_state().items():
+            response.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
+        return response
+
+    @_rpc
+    def Drain(self, request, context):
+        if self.dispatcher is None:
+            raise precondition("no worker pool", "WORKER_NOT_FOUND")
+        self.dispatcher.draining = not request.undrain
+        busy = [w for w in self.dispatcher.pool.snapshot() if w["state"] == "busy"]
+        return pb.DrainResponse(draining=self.dispatcher.draining, running_shot_count=len(busy))

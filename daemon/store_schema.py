@@ -1,0 +1,161 @@
+"""The job store's SQLite file: connection settings and the versioned schema.
+
+Durability is set here, per connection, before anything else runs: WAL journal (readers never block
+the writer), synchronous=FULL (a commit is on disk when COMMIT returns, so an acknowledged submit
+survives power loss), foreign keys on, and a busy timeout so two connections wait for each other
+instead of failing.
+Invariants:
+- the schema version is PRAGMA user_version and equals the number of migrations applied;
+- migrations are forward-only and frozen: once shipped, a migration's text never changes (write a
+  new one instead), which is why the DDL below spells out its state lists rather than importing them;
+- all pending migrations run in one BEGIN IMMEDIATE transaction together with the version bump, so a
+  failed upgrade leaves the file at its old version, untouched;
+- a file newer than this code is refused (SchemaTooNew), never downgraded or written to.
+Stdlib only: the daemon process stays free of torch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Callable, Sequence
+
+__all__ = ["SchemaTooNew", "MIGRATIONS", "connect", "migrate", "schema_version"]
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer storyfarm; this one does not know its schema."""
+
+
+_V1 = (
+    """CREATE TABLE stories (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        payload_sha256 TEXT NOT NULL,
+        name TEXT NOT NULL,
+        document TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'paused')),
+        priority INTEGER NOT NULL DEFAULT 0,
+        deadline REAL,
+        batch_id TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        cancel_requested_at REAL,
+        pause_requested_at REAL,
+        UNIQUE (project, request_id))""",
+    "CREATE INDEX stories_created ON stories (created_at, id)",
+    "CREATE INDEX stories_batch ON stories (batch_id, created_at, id) WHERE batch_id IS NOT NULL",
+    "CREATE INDEX stories_state ON stories (state)",
+    """CREATE TABLE story_labels (
+        story_id TEXT NOT NULL REFERENCES stories (id),
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (story_id, key))""",
+    "CREATE INDEX story_labels_kv ON story_labels (key, value)",
+    # failures: non-lost failed attempts since the shot was last (re)queued by a user; the retry budget.
+    """CREATE TABLE shots (
+        id TEXT PRIMARY KEY,
+        story_id TEXT NOT NULL REFERENCES stories (id),
+        idx INTEGER NOT NULL,
+        scene INTEGER NOT NULL,
+        shot INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('queued', 'waiting', 'running', 'succeeded', 'failed', 'cancelled', 'paused')),
+        failures INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        result TEXT,
+        cancel_requested_at REAL,
+        updated_at REAL NOT NULL,
+        UNIQUE (story_id, idx))""",
+    "CREATE INDEX shots_state ON shots (state)",
+    """CREATE TABLE attempts (
+        id TEXT PRIMARY KEY,
+        shot_id TEXT NOT NULL REFERENCES shots (id),
+        story_id TEXT NOT NULL REFERENCES stories (id),
+        number INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT CHECK (outcome IN ('succeeded', 'failed', 'cancelled', 'lost')),
+        error TEXT,
+        retryable INTEGER,
+        UNIQUE (shot_id, number))""",
+    "CREATE INDEX attempts_story ON attempts (story_id)",
+    "CREATE INDEX attempts_open ON attempts (started_at) WHERE finished_at IS NULL",
+    """CREATE TABLE artifacts (
+        story_id TEXT NOT NULL REFERENCES stories (id),
+        shot_index INTEGER,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL CHECK (size >= 0),
+        sha256 TEXT NOT NULL,
+        attempt_id TEXT REFERENCES attempts (id),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (story_id, name))""",
+    # AUTOINCREMENT: a watcher resumes from the last seq it saw, so seqs are never reused.
+    """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        story_id TEXT NOT NULL,
+        time REAL NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL)""",
+    "CREATE INDEX events_story ON events (story_id, seq)",
+)
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    for statement in _V1:
+        db.execute(statement)
+
+
+# Migration n (1-based) brings a file from version n-1 to n. Append only.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+
+
+def connect(path: str, *, busy_timeout_s: float) -> sqlite3.Connection:
+    """Open `path` with the store's durability settings; transactions are explicit (autocommit mode)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(
+                f"{path}: SQLite refused WAL mode (got {mode!r}); put the data directory on a local disk")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(db: sqlite3.Connection, migrations: Sequence[Callable[[sqlite3.Connection], None]] | None = None) -> int:
+    """Bring the file up to the newest schema in one transaction; returns the version reached."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    target = len(migrations)
+    db.execute("BEGIN IMMEDIATE")  # taken before reading the version: two daemons cannot both migrate
+    try:
+        version = schema_version(db)
+        if version > target:
+            raise SchemaTooNew(
+                f"database schema version {version} is newer than this storyfarm supports ({target}); "
+                "run the storyfarm release that wrote it, or restore a backup")
+        for migration in migrations[version:]:
+            migration(db)
+        if version != target:
+            db.execute(f"PRAGMA user_version = {target}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return target

@@ -1,0 +1,182 @@
+"""The daemon over a real socket: real worker processes, a real SQLite file, real mp4s.
+
+Stories here are small (64x32, 9 frames, 2 steps) so each shot takes a second or two on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from storyfarm.daemon.config import load_config
+from storyfarm.daemon.server import Daemon
+from storyfarm.v1 import render_pb2 as pb
+from storyfarm.v1 import render_pb2_grpc
+
+SMALL = {"resolution": "64x32", "frames": 9, "steps": 2}
+
+
+def story_yaml(n_shots=3, **over) -> str:
+    doc = {"name": "harbour", "seed": 5, **SMALL, **over,
+           "shots": [{"prompt": f"shot {i} of the harbour at dawn", **({"cut": False} if i == 1 else {})} for i in range(n_shots)]}
+    return json.dumps(doc)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    config = load_config(None, {"listen": "127.0.0.1:0", "data_dir": str(data), "preset": "tiny", "workers": 1, "device": "cpu",
+                                "grace_seconds": 5})
+    d = Daemon(config)
+    d.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{d.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 120
+    while health.Check(health_pb2.HealthCheckRequest(service="")).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "daemon never became SERVING"
+        time.sleep(0.2)
+    yield d, render_pb2_grpc.RenderServiceStub(channel)
+    d.shutdown()
+    channel.close()
+
+
+def submit(stub, text, request_id=None, **kw):
+    return stub.SubmitStory(pb.SubmitStoryRequest(request_id=request_id or uuid.uuid4().hex, story_json=text, **kw))
+
+
+def wait_final(stub, story_id, timeout=180):
+    deadline = time.monotonic() + timeout
+    while True:
+        story = stub.GetStory(pb.GetStoryRequest(story_id=story_id))
+        if story.state in (pb.STORY_STATE_SUCCEEDED, pb.STORY_STATE_FAILED, pb.STORY_STATE_CANCELLED):
+            return story
+        assert time.monotonic() < deadline, f"story still {story.state}"
+        time.sleep(0.2)
+
+
+def violations(error: grpc.RpcError) -> tuple[dict[str, str], str]:
+    """Field violations and the ErrorInfo reason from a rich status."""
+    fields, reason = {}, None
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.update({v.field: v.description for v in bad.field_violations})
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+    return fields, reason
+
+
+def download(stub, story_id, name, offset=0):
+    chunks = list(stub.DownloadArtifact(pb.DownloadArtifactRequest(story_id=story_id, name=name, offset=offset)))
+    return chunks[0], b"".join(c.data for c in chunks)
+
+
+def test_submit_watch_download(daemon):
+    d, stub = daemon
+    request_id = uuid.uuid4().hex
+    first = submit(stub, story_yaml(), request_id)
+    again = submit(stub, story_yaml(), request_id)
+    assert first.created and not again.created and again.story_id == first.story_id and first.shot_count == 3
+
+    events = list(stub.WatchStory(pb.WatchStoryRequest(story_id=first.story_id), timeout=180))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "snapshot"
+    steps = {(e.progress.shot_index, e.progress.step) for e in events if e.HasField("progress") and e.progress.step}
+    assert {(i, s) for i in range(3) for s in (1, 2)} <= steps  # every shot and every step seen
+    finals = [e.story_state_changed.new_state for e in events if e.HasField("story_state_changed")]
+    assert finals[-1] == pb.STORY_STATE_SUCCEEDED
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs)
+
+    story = stub.GetStory(pb.GetStoryRequest(story_id=first.story_id))
+    assert [s.state for s in story.shots] == [pb.SHOT_STATE_SUCCEEDED] * 3
+    names = {a.name for a in story.artifacts}
+    assert {"story.mp4", "manifest.json", "contact_sheet.png"} <= names
+    assert sum(a.kind == pb.ARTIFACT_KIND_SHOT_VIDEO for a in story.artifacts) == 3
+    for artifact in story.artifacts:
+        head, data = download(stub, first.story_id, artifact.name)
+        assert head.total_size == len(data) == artifact.size
+        assert hashlib.sha256(data).hexdigest() == head.sha256 == artifact.sha256
+    # resumable: a download from an offset returns the tail
+    _, whole = download(stub, first.story_id, "story.mp4")
+    _, tail = download(stub, first.story_id, "story.mp4", offset=1000)
+    assert tail == whole[1000:]
+    manifest = json.loads(download(stub, first.story_id, "manifest.json")[1])
+    assert [s["transition"] for s in manifest["shots"]] == [None, "first_frame", None]
+
+
+def test_bad_input_gets_field_errors_and_writes_nothing(daemon):
+    d, stub = daemon
+    before = stub.ListStories(pb.ListStoriesRequest(page_size=100)).stories
+    with pytest.raises(grpc.RpcError) as err:
+        submit(stub, json.dumps({"shots": [{"prompt": "a"}, {"promt": "typo"}]}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields, reason = violations(err.value)
+    assert reason == "INVALID_STORY" and {"shots[1].promt", "shots[1].prompt"} <= set(fields)
+    with pytest.raises(grpc.RpcError) as err:
+        submit(stub, json.dumps({"shots": [{"prompt": "a", "frames": 10}]}))
+    assert "shots[0].frames" in violations(err.value)[0]
+    huge = json.dumps({"shots": [{"prompt": "a", "resolution": "1920x1088", "frames": 321, "steps": 200}]})
+    with pytest.raises(grpc.RpcError) as err:
+        submit(stub, huge)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as err:
+        submit(stub, story_yaml(), reference_images=[pb.ReferenceImage(name="../evil.png", data=b"x")])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(stub.ListStories(pb.ListStoriesRequest(page_size=100)).stories) == len(before)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetStory(pb.GetStoryRequest(story_id="st_0000000000000000"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancel_stops_a_running_shot_within_a_step(daemon):
+    d, stub = daemon
+    slow = story_yaml(2, steps=40, frames=17, resolution="160x96")
+    sid = submit(stub, slow).story_id
+    seen: list[tuple[float, int]] = []  # (time, step) of every progress event of shot 0
+
+    def watch():
+        for e in stub.WatchStory(pb.WatchStoryRequest(story_id=sid), timeout=120):
+            if e.HasField("progress") and e.progress.shot_index == 0:
+                seen.append((time.monotonic(), e.progress.step))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 60
+    while not any(step >= 3 for _, step in seen):
+        assert time.monotonic() < deadline, "shot 0 never started denoising"
+        time.sleep(0.01)
+    cancelled_at = time.monotonic()
+    stub.CancelStory(pb.CancelStoryRequest(story_id=sid))
+    while stub.GetStory(pb.GetStoryRequest(story_id=sid)).shots[0].state == pb.SHOT_STATE_RUNNING:
+        assert time.monotonic() - cancelled_at < 10, "the running shot did not stop"
+        time.sleep(0.02)
+    story = stub.GetStory(pb.GetStoryRequest(story_id=sid))
+    assert story.state == pb.STORY_STATE_CANCELLED
+    assert [s.state for s in story.shots] == [pb.SHOT_STATE_CANCELLED] * 2
+    watcher.join(timeout=10)
+    steps_after = [step for t, step in seen if t > cancelled_at]
+    before = max(step for t, step in seen if t <= cancelled_at)
+    # the worker checks cancel before every step: at most the step in flight completes
+    assert not steps_after or max(steps_after) <= before + 2, (before, steps_after)
+    assert max(step for _, step in seen) < 40
+    # the worker is free again: a new story runs to the end
+    assert wait_final(stub, submit(stub, story_yaml(1)).story_id).state == pb.STORY_STATE_SUCCEEDED
+
+
+def test_a_second_daemon_on_the_same_data_dir_is_refused(daemon):
+    d, _ = daemon
+    with pytest.raises(RuntimeError, match="in use by another storyfarm daemon"):
+        Daemon(d.config)

@@ -1,0 +1,654 @@
+"""The job store: idempotent submit, the shot lifecycle and its retry budget, cancel/pause/resume/
+priority/retry, work ordering, paging, events, batches, crash recovery, durability settings,
+migrations, atomicity under an injected failure, threads, and a state-machine test of the lifecycle
+invariants. Every test works on a real SQLite file (WAL only exists on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from storyfarm.daemon import store as store_module
+from storyfarm.daemon import store_schema
+from storyfarm.daemon.store import (
+    ArtifactIn, IdempotencyConflict, JobStore, NotFound, SchemaTooNew, ShotIn, StateError,
+)
+
+CLOCK = itertools.count(1_000_000)
+
+
+def tick() -> float:
+    """A strictly increasing test clock, so creation order is the order of the calls."""
+    return float(next(CLOCK))
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def shots_in(n: int) -> list[ShotIn]:
+    return [ShotIn(index=i, scene=1, shot=i + 1, prompt=f"shot {i}", settings='{"steps": 4}') for i in range(n)]
+
+
+def submit(store: JobStore, n: int = 3, request_id: str | None = None, payload: str = "story",
+           project: str = "p", **kw) -> str:
+    request_id = request_id or f"req-{next(CLOCK)}"
+    return store.submit_story(request_id, project, sha(payload), "a story", '{"scenes": []}', shots_in(n),
+                              now=kw.pop("now", None) or tick(), **kw).story_id
+
+
+def shot_id(store: JobStore, story_id: str, index: int) -> str:
+    return store.get_story(story_id).shots[index].id
+
+
+def states(store: JobStore, story_id: str) -> tuple[str, list[str]]:
+    record = store.get_story(story_id)
+    return record.state, [s.state for s in record.shots]
+
+
+def artifact(name: str, **kw) -> ArtifactIn:
+    return ArtifactIn(name=name, kind="shot_video", path=f"stories/x/{name}", size=10, sha256=sha(name), **kw)
+
+
+def run(store: JobStore, story_id: str, index: int, outcome: str = "succeeded", worker: str = "gpu0", **kw):
+    attempt = store.start_attempt(shot_id(store, story_id, index), worker, now=tick())
+    if outcome == "succeeded" and "artifacts" not in kw:
+        kw["artifacts"] = [artifact(f"shot_{index:03d}.mp4")]
+    return store.finish_attempt(attempt, outcome, now=tick(), **kw)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    with JobStore.open(db_path) as opened:
+        yield opened
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+def test_submit_is_idempotent_per_project_and_request_id(store):
+    first = store.submit_story("r1", "p", sha("a"), "s", "{}", shots_in(2), now=tick())
+    again = store.submit_story("r1", "p", sha("a"), "s", "{}", shots_in(2), now=tick())
+    other_project = store.submit_story("r1", "q", sha("a"), "s", "{}", shots_in(2), now=tick())
+    assert first.created and not again.created and other_project.created
+    assert again.story_id == first.story_id != other_project.story_id
+    with pytest.raises(IdempotencyConflict) as conflict:
+        store.submit_story("r1", "p", sha("b"), "s", "{}", shots_in(2), now=tick())
+    assert conflict.value.story_id == first.story_id and first.story_id in str(conflict.value)
+    assert len(store.list_stories(project="p")[0]) == 1
+    assert first.story_id.startswith("st_") and len(first.story_id) == 19
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(shots=[]), "at least one shot"),
+    (dict(shots=[ShotIn(1, 1, 1, "x")]), "indices"),
+    (dict(shots=[ShotIn(0, 1, 1, "x", settings="[1]")]), "settings must be a JSON object"),
+    (dict(payload_sha256="ABC"), "payload_sha256"),
+    (dict(request_id=""), "request_id"),
+    (dict(labels={"k": 1}), "labels"),
+])
+def test_submit_refuses_malformed_input(store, change, message):
+    args = dict(request_id="r", project="p", payload_sha256=sha("x"), name="n", story_document="{}",
+                shots=shots_in(1)) | change
+    with pytest.raises(ValueError, match=message):
+        store.submit_story(**args)
+    assert store.list_stories()[0] == []
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+def test_three_shot_story_runs_in_order_to_success(store):
+    story_id = submit(store, 3, labels={"show": "cats"}, deadline=5e6)
+    assert states(store, story_id) == ("queued", ["queued", "waiting", "waiting"])
+    assert [s.index for s in store.runnable_shots(10)] == [0]
+
+    attempt = store.start_attempt(shot_id(store, story_id, 0), "gpu0", now=tick())
+    assert states(store, story_id) == ("running", ["running", "waiting", "waiting"])
+    assert store.runnable_shots(10) == []
+    with pytest.raises(StateError, match="is running"):
+        store.start_attempt(shot_id(store, story_id, 0), "gpu1", now=tick())
+    shot = store.finish_attempt(attempt, "succeeded", artifacts=[artifact("shot_000.mp4")],
+                                result={"index": 0, "seconds": 1.5}, now=tick())
+    assert (shot.state, shot.attempts, shot.worker) == ("succeeded", 1, "gpu0")
+    assert shot.result == {"index": 0, "seconds": 1.5}
+    assert states(store, story_id) == ("running", ["succeeded", "queued", "waiting"])
+    assert [s.index for s in store.runnable_shots(10)] == [1]
+
+    run(store, story_id, 1, worker="gpu1")
+    assert states(store, story_id) == ("running", ["succeeded", "succeeded", "queued"])
+    run(store, story_id, 2, artifacts=[artifact("shot_002.mp4"),
+                                       artifact("story.mp4", story_level=True)])
+    record = store.get_story(story_id)
+    assert (record.state, [s.state for s in record.shots]) == ("succeeded", ["succeeded"] * 3)
+    assert record.finished_at is not None and record.labels == {"show": "cats"} and record.deadline == 5e6
+    assert [(a.name, a.shot_index) for a in record.artifacts] == [
+        ("shot_000.mp4", 0), ("shot_001.mp4", 1), ("shot_002.mp4", 2), ("story.mp4", None)]
+    assert [s.worker for s in record.shots] == ["gpu0", "gpu1", "gpu0"]
+    assert store.runnable_shots(10) == []
+    with pytest.raises(StateError, match="already finished as succeeded"):
+        store.finish_attempt(attempt, "failed", now=tick())
+
+
+def test_finish_refuses_bad_outcomes_paths_and_duplicate_artifact_names(store):
+    story_id = submit(store, 2)
+    attempt = store.start_attempt(shot_id(store, story_id, 0), "gpu0", now=tick())
+    with pytest.raises(ValueError, match="outcome"):
+        store.finish_attempt(attempt, "done")
+    with pytest.raises(ValueError, match="only for a succeeded attempt"):
+        store.finish_attempt(attempt, "failed", artifacts=[artifact("a")])
+    for path in ("/etc/passwd", "../x.mp4", "a/../../b", ""):
+        with pytest.raises(ValueError, match="path must be relative"):
+            store.finish_attempt(attempt, "succeeded", artifacts=[ArtifactIn("a", "k", path, 1, sha("a"))])
+    store.finish_attempt(attempt, "succeeded", artifacts=[artifact("same.mp4")], now=tick())
+    second = store.start_attempt(shot_id(store, story_id, 1), "gpu0", now=tick())
+    with pytest.raises(StateError, match="already has an artifact named 'same.mp4'"):
+        store.finish_attempt(second, "succeeded", artifacts=[artifact("same.mp4")], now=tick())
+    assert states(store, story_id) == ("running", ["succeeded", "running"])  # the refusal wrote nothing
+    with pytest.raises(NotFound):
+        store.finish_attempt("at_nope", "failed")
+
+
+def test_retry_budget_counts_failures_but_not_lost_attempts(db_path):
+    with JobStore.open(db_path, max_attempts=3) as store:
+        story_id = submit(store, 2)
+        assert run(store, story_id, 0, "failed", error="CUDA OOM").state == "queued"
+        assert run(store, story_id, 0, "lost").state == "queued"
+        assert run(store, story_id, 0, "lost").state == "queued"
+        shot = run(store, story_id, 0, "failed", error="CUDA OOM again")
+        assert (shot.state, shot.error, shot.attempts) == ("queued", "CUDA OOM again", 4)
+        assert store.get_story(story_id).state == "running"
+        shot = run(store, story_id, 0, "failed", error="CUDA OOM third")
+        assert (shot.state, shot.attempts) == ("failed", 5)
+        record = store.get_story(story_id)
+        assert record.state == "failed" and "shot 0 failed 3 times" in record.error and "third" in record.error
+        assert [s.state for s in record.shots] == ["failed", "waiting"]
+        outcomes = [a.outcome for a in store.attempts(shot.id)]
+        assert outcomes == ["failed", "lost", "lost", "failed", "failed"]
+        assert store.runnable_shots(10) == []
+
+
+def test_a_non_retryable_failure_fails_at_once(store):
+    story_id = submit(store, 1)
+    shot = run(store, story_id, 0, "failed", error="prompt rejected", retryable=False)
+    assert shot.state == "failed"
+    assert store.get_story(story_id).error == "shot 0 not retryable: prompt rejected"
+
+
+def test_retry_shot_requeues_with_a_fresh_budget(db_path):
+    with JobStore.open(db_path, max_attempts=2) as store:
+        story_id = submit(store, 3)
+        run(store, story_id, 0)
+        run(store, story_id, 1, "failed")
+        run(store, story_id, 1, "failed", error="boom")
+        assert states(store, story_id) == ("failed", ["succeeded", "failed", "waiting"])
+        for index, error, match in (
+                (0, StateError, "shot 0 of story .* is succeeded; retry is allowed when it is failed"),
+                (7, NotFound, "has no shot 7")):
+            with pytest.raises(error, match=match):
+                store.retry_shot(story_id, index, now=tick())
+        record = store.retry_shot(story_id, 1, now=tick())
+        assert (record.state, record.error, [s.state for s in record.shots]) == (
+            "running", None, ["succeeded", "queued", "waiting"])
+        assert run(store, story_id, 1, "failed").state == "queued"  # the budget starts again
+        run(store, story_id, 1)
+        run(store, story_id, 2)
+        assert store.get_story(story_id).state == "succeeded"
+        with pytest.raises(StateError, match="is succeeded; retry is allowed when it is failed"):
+            store.retry_shot(story_id, 1)
+
+
+# --- control --------------------------------------------------------------------------------
+
+def test_cancel_a_queued_story_and_refusals(store):
+    story_id = submit(store, 3)
+    record = store.request_cancel(story_id, now=tick())
+    assert (record.state, [s.state for s in record.shots]) == ("cancelled", ["cancelled"] * 3)
+    assert record.cancel_requested_at is not None and record.finished_at is not None
+    assert store.request_cancel(story_id).state == "cancelled"  # a repeat is a no-op
+    assert store.runnable_shots(10) == []
+    with pytest.raises(NotFound, match="no story st_missing"):
+        store.request_cancel("st_missing")
+    done = submit(store, 1)
+    run(store, done, 0)
+    allowed = "queued, running, paused or cancelled"
+    with pytest.raises(StateError, match=f"is succeeded; cancel is allowed when it is {allowed}"):
+        store.request_cancel(done)
+    for op in (store.request_pause, store.resume, lambda sid: store.set_priority(sid, 3)):
+        with pytest.raises(StateError, match="is succeeded"):
+            op(done)
+
+
+@pytest.mark.parametrize("outcome, shot_state", [("succeeded", "succeeded"), ("cancelled", "cancelled"),
+                                                 ("failed", "cancelled"), ("lost", "cancelled")])
+def test_cancel_flags_the_running_shot_and_keeps_what_it_finishes(store, outcome, shot_state):
+    story_id = submit(store, 3)
+    run(store, story_id, 0)
+    attempt = store.start_attempt(shot_id(store, story_id, 1), "gpu0", now=tick())
+    assert not store.cancel_requested(shot_id(store, story_id, 1))
+    record = store.request_cancel(story_id, now=tick())
+    assert (record.state, [s.state for s in record.shots]) == ("cancelled", ["succeeded", "running", "cancelled"])
+    assert store.cancel_requested(shot_id(store, story_id, 1))
+    kw = {"artifacts": [artifact("late.mp4")]} if outcome == "succeeded" else {}
+    store.finish_attempt(attempt, outcome, now=tick(), **kw)
+    record = store.get_story(story_id)
+    assert (record.state, [s.state for s in record.shots]) == ("cancelled", ["succeeded", shot_state, "cancelled"])
+    assert ("late.mp4" in [a.name for a in record.artifacts]) == (outcome == "succeeded")
+    with pytest.raises(NotFound):
+        store.cancel_requested("sh_missing")
+
+
+def test_a_last_shot_finishing_after_cancel_leaves_the_story_cancelled(store):
+    story_id = submit(store, 1)
+    attempt = store.start_attempt(shot_id(store, story_id, 0), "gpu0", now=tick())
+    store.request_cancel(story_id, now=tick())
+    store.finish_attempt(attempt, "succeeded", artifacts=[artifact("kept.mp4")], now=tick())
+    record = store.get_story(story_id)
+    assert (record.state, record.shots[0].state, record.artifacts[0].name) == ("cancelled", "succeeded", "kept.mp4")
+
+
+def test_a_worker_cancelling_its_shot_cancels_the_story(store):
+    story_id = submit(store, 2)
+    run(store, story_id, 0, "cancelled")
+    record = store.get_story(story_id)
+    assert (record.state, [s.state for s in record.shots]) == ("cancelled", ["cancelled", "cancelled"])
+    assert "cancelled by its worker" in record.error
+
+
+def test_pause_holds_unstarted_shots_and_resume_releases_them(store):
+    story_id = submit(store, 3)
+    record = store.request_pause(story_id, now=tick())
+    assert (record.state, [s.state for s in record.shots]) == ("paused", ["paused"] * 3)
+    assert record.pause_requested_at is not None
+    assert store.request_pause(story_id).state == "paused"  # a repeat is a no-op
+    with pytest.raises(StateError, match="is paused"):
+        store.start_attempt(shot_id(store, story_id, 0), "gpu0")
+    record = store.resume(story_id, now=tick())
+    assert (record.state, [s.state for s in record.shots]) == ("queued", ["queued", "waiting", "waiting"])
+    assert record.pause_requested_at is None
+
+    attempt = store.start_attempt(shot_id(store, story_id, 0), "gpu0", now=tick())
+    assert states(store, story_id) == ("running", ["running", "waiting", "waiting"])
+    assert store.request_pause(story_id, now=tick()).state == "paused"
+    assert states(store, story_id) == ("paused", ["running", "paused", "paused"])  # the running shot finishes
+    assert not store.cancel_requested(shot_id(store, story_id, 0))
+    store.finish_attempt(attempt, "succeeded", now=tick())
+    assert states(store, story_id) == ("paused", ["succeeded", "paused", "paused"])
+    assert store.runnable_shots(10) == []
+    assert store.resume(story_id, now=tick()).state == "running"
+    assert states(store, story_id) == ("running", ["succeeded", "queued", "waiting"])
+    assert store.resume(story_id).state == "running"  # resuming a story that runs is a no-op
+
+
+def test_a_shot_retried_while_paused_stays_held(store):
+    story_id = submit(store, 2)
+    attempt = store.start_attempt(shot_id(store, story_id, 0), "gpu0", now=tick())
+    store.request_pause(story_id, now=tick())
+    assert store.finish_attempt(attempt, "failed", error="flaky", now=tick()).state == "paused"
+    assert store.runnable_shots(10) == []
+    assert states(store, store.resume(story_id).id) == ("running", ["queued", "waiting"])
+
+
+def test_a_story_failing_while_paused_leaves_its_later_shots_waiting_for_a_retry(store):
+    story_id = submit(store, 3)
+    attempt = store.start_attempt(shot_id(store, story_id, 0), "gpu0", now=tick())
+    store.request_pause(story_id, now=tick())
+    store.finish_attempt(attempt, "failed", error="bad prompt", retryable=False, now=tick())
+    assert states(store, story_id) == ("failed", ["failed", "waiting", "waiting"])
+    assert store.get_story(story_id).pause_requested_at is None
+    with pytest.raises(StateError, match="is failed; resume is allowed when it is paused, queued or running"):
+        store.resume(story_id)
+    assert states(store, store.retry_shot(story_id, 0).id) == ("running", ["queued", "waiting", "waiting"])
+
+
+def test_runnable_shots_order_by_priority_then_age_and_follow_priority_changes(store):
+    old, mid, new = submit(store, 2), submit(store, 2), submit(store, 2)
+    urgent = submit(store, 2, priority=5)
+    paused = submit(store, 1, priority=9)
+    store.request_pause(paused)
+    assert [s.story_id for s in store.runnable_shots(10)] == [urgent, old, mid, new]
+    assert [s.story_id for s in store.runnable_shots(2)] == [urgent, old]
+    record = store.set_priority(new, 7, now=tick())
+    assert record.priority == 7
+    assert [s.story_id for s in store.runnable_shots(10)] == [new, urgent, old, mid]
+    assert store.events_since(new)[-1].payload == {"from": 0, "to": 7}
+
+
+# --- listing, events, batches ---------------------------------------------------------------
+
+def test_list_stories_pages_stably_and_filters(store):
+    ids = [submit(store, 1, project="p" if i % 2 else "q", labels={"n": str(i % 3)}) for i in range(7)]
+    pages, token = [], None
+    while True:
+        page, token = store.list_stories(page_size=3, page_token=token)
+        pages.append([r.id for r in page])
+        if token is None:
+            break
+        if len(pages) == 1:
+            ids.append(submit(store, 1, project="r"))  # submitted while paging: at the end, once
+    assert [len(p) for p in pages] == [3, 3, 2] and sum(pages, []) == ids
+    assert [r.id for r in store.list_stories(project="p")[0]] == ids[1:7:2]
+    assert [r.id for r in store.list_stories(label=("n", "0"))[0]] == [ids[0], ids[3], ids[6]]
+    store.request_cancel(ids[2])
+    assert [r.id for r in store.list_stories(states=["cancelled"])[0]] == [ids[2]]
+    assert len(store.list_stories(states=["queued", "cancelled"], page_size=1000)[0]) == 8
+    assert store.count_stories_by_state() == {"queued": 7, "running": 0, "succeeded": 0, "failed": 0,
+                                              "cancelled": 1, "paused": 0}
+    for bad in (dict(page_token="garbage!"), dict(page_size=0), dict(states=["done"])):
+        with pytest.raises(ValueError):
+            store.list_stories(**bad)
+
+
+def test_events_record_every_state_change_in_order(store):
+    story_id = submit(store, 2)
+    other = submit(store, 1)
+    run(store, story_id, 0)
+    run(store, story_id, 1, "failed")
+    events = store.events_since(story_id)
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert {e.story_id for e in events} == {story_id}
+    summary = [(e.kind, e.payload.get("index"), e.payload.get("to") or e.payload.get("outcome")) for e in events]
+    assert summary == [
+        ("story_state", None, "queued"),
+        ("attempt_started", 0, None), ("shot_state", 0, "running"), ("story_state", None, "running"),
+        ("attempt_finished", 0, "succeeded"), ("shot_state", 0, "succeeded"), ("shot_state", 1, "queued"),
+        ("attempt_started", 1, None), ("shot_state", 1, "running"),
+        ("attempt_finished", 1, "failed"), ("shot_state", 1, "queued"),
+    ]
+    tail = store.events_since(story_id, after_seq=events[-3].seq, limit=10)
+    assert [e.seq for e in tail] == [e.seq for e in events[-2:]]
+    assert other in {e.story_id for e in store.events_since(None)}
+
+
+def test_batches_summarise_and_cancel_as_a_unit(store):
+    ids = [submit(store, 1, batch_id="overnight", deadline=2e6 + i) for i in range(3)]
+    submit(store, 1, batch_id="other")
+    run(store, ids[0], 0)
+    summary = store.batch_summary("overnight")
+    assert (summary.total, summary.counts["succeeded"], summary.counts["queued"], summary.deadline) == (3, 1, 2, 2e6)
+    assert [r.id for r in store.list_stories(batch_id="overnight")[0]] == ids
+    summary = store.cancel_batch("overnight", now=tick())
+    assert (summary.counts["succeeded"], summary.counts["cancelled"], summary.counts["queued"]) == (1, 2, 0)
+    assert store.batch_summary("other").counts["queued"] == 1
+    with pytest.raises(NotFound, match="no stories in batch"):
+        store.batch_summary("nope")
+
+
+# --- crashes, durability, schema ------------------------------------------------------------
+
+def test_recovery_requeues_shots_of_a_dead_daemon_without_spending_their_budget(db_path):
+    old = JobStore.open(db_path, max_attempts=2)
+    story_id = submit(old, 3)
+    run(old, story_id, 0)
+    stale = old.start_attempt(shot_id(old, story_id, 1), "gpu0", now=tick())
+    with JobStore.open(db_path, max_attempts=2) as new:  # the restarted daemon, while the old one still holds the file
+        assert new.recover(now=tick()) == 1
+        assert states(new, story_id) == ("running", ["succeeded", "queued", "waiting"])
+        assert [s.index for s in new.runnable_shots(10)] == [1]  # the succeeded shot is not run again
+        assert [a.outcome for a in new.attempts(shot_id(new, story_id, 1))] == ["lost"]
+        with pytest.raises(StateError, match="already finished as lost"):
+            old.finish_attempt(stale, "succeeded")  # a late report from the old daemon's worker
+        assert new.recover() == 0
+        assert run(new, story_id, 1, "failed").state == "queued"  # 1 failure of 2: lost did not count
+        run(new, story_id, 1)
+        run(new, story_id, 2)
+        assert new.get_story(story_id).state == "succeeded" and new.integrity_check()
+    old.close()
+
+
+def test_an_acknowledged_submit_survives_sigkill_and_the_store_never_imports_torch(db_path):
+    script = f"""
+import os, signal, sys
+from storyfarm.daemon.store import JobStore, ShotIn
+store = JobStore.open({str(db_path)!r})
+result = store.submit_story("r", "p", "{sha('x')}", "n", "{{}}", [ShotIn(0, 1, 1, "p")])
+print(result.story_id, "torch" in sys.modules, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9, done.stderr
+    story_id, torch_loaded = done.stdout.split()
+    assert torch_loaded == "False"
+    with JobStore.open(db_path) as store:
+        assert store.get_story(story_id).state == "queued" and store.integrity_check()
+
+
+def test_the_store_runs_wal_with_full_sync_and_a_busy_timeout(db_path):
+    with JobStore.open(db_path, busy_timeout_s=2.5) as store:
+        assert store.pragmas() == {"journal_mode": "wal", "synchronous": "full", "busy_timeout": 2500,
+                                   "foreign_keys": 1, "user_version": len(store_schema.MIGRATIONS)}
+    with JobStore.open(db_path):
+        assert Path(str(db_path) + "-wal").exists()
+
+
+def _add_story_notes(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE stories ADD COLUMN notes TEXT NOT NULL DEFAULT ''")
+
+
+def test_an_older_database_is_migrated_forward_with_its_data(db_path, monkeypatch):
+    with JobStore.open(db_path) as store:
+        story_id = submit(store, 2)
+        run(store, story_id, 0)
+    version = len(store_schema.MIGRATIONS)
+    monkeypatch.setattr(store_schema, "MIGRATIONS", [*store_schema.MIGRATIONS, _add_story_notes])
+    with JobStore.open(db_path) as store:
+        assert store.pragmas()["user_version"] == version + 1
+        assert states(store, story_id) == ("running", ["succeeded", "queued"])
+        run(store, story_id, 1)
+        assert store.get_story(story_id).state == "succeeded"
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT notes FROM stories").fetchall() == [("",)]
+
+
+def test_a_failed_migration_leaves_the_old_version_untouched(db_path, monkeypatch):
+    JobStore.open(db_path).close()
+    version = len(store_schema.MIGRATIONS)
+
+    def broken(db):
+        db.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("migration bug")
+    monkeypatch.setattr(store_schema, "MIGRATIONS", [*store_schema.MIGRATIONS, broken])
+    with pytest.raises(RuntimeError, match="migration bug"):
+        JobStore.open(db_path)
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == version
+        assert raw.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchall() == []
+
+
+def test_a_database_newer_than_the_code_is_refused(db_path):
+    JobStore.open(db_path).close()
+    newer = len(store_schema.MIGRATIONS) + 1
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(f"PRAGMA user_version = {newer}")
+    with pytest.raises(SchemaTooNew, match=f"version {newer} is newer"):
+        JobStore.open(db_path)
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == newer
+
+
+def _fail_on(monkeypatch, kind: str, to: str | None = None) -> None:
+    """Make the event write for one transition raise, after the transaction has written other rows."""
+    emit = store_module._Tx.emit
+
+    def failing(self, story_id, event_kind, **payload):
+        if event_kind == kind and (to is None or payload.get("to") == to):
+            raise OSError("injected failure")
+        emit(self, story_id, event_kind, **payload)
+    monkeypatch.setattr(store_module._Tx, "emit", failing)
+
+
+def test_a_failure_mid_transaction_leaves_nothing_half_written(store, monkeypatch):
+    story_id = submit(store, 2)
+    run(store, story_id, 0)
+    attempt = store.start_attempt(shot_id(store, story_id, 1), "gpu0", now=tick())
+    before = store.get_story(story_id), store.events_since(None)
+    _fail_on(monkeypatch, "story_state", to="succeeded")  # after the attempt, shot and artifact rows
+    with pytest.raises(OSError, match="injected"):
+        store.finish_attempt(attempt, "succeeded", artifacts=[artifact("last.mp4")], now=tick())
+    _fail_on(monkeypatch, "story_state", to="queued")  # after the story and shot rows
+    with pytest.raises(OSError, match="injected"):
+        store.submit_story("atomic", "p", sha("z"), "n", "{}", shots_in(3), now=tick())
+    assert (store.get_story(story_id), store.events_since(None)) == before
+    assert [a.outcome for a in store.attempts(shot_id(store, story_id, 1))] == [None]
+    assert store.list_stories(project="p", page_size=1000)[0] == [before[0]]
+    monkeypatch.undo()
+    assert store.finish_attempt(attempt, "succeeded", now=tick()).state == "succeeded"
+    assert store.submit_story("atomic", "p", sha("z"), "n", "{}", shots_in(3)).created
+
+
+def test_threads_and_a_second_connection_share_the_store(db_path):
+    stores = [JobStore.open(db_path), JobStore.open(db_path)]
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        store = stores[n % 2]
+        try:
+            mine = [store.submit_story(f"r{n}-{k}", "p", sha("s"), "n", "{}", shots_in(3)).story_id for k in range(2)]
+            mine.append(store.submit_story("shared", "p", sha("s"), "n", "{}", shots_in(3)).story_id)
+            while any(store.get_story(s).state != "succeeded" for s in mine):
+                for shot in store.runnable_shots(4):
+                    try:
+                        attempt = store.start_attempt(shot.id, f"w{n}")
+                    except StateError:
+                        continue  # another thread took it first
+                    store.finish_attempt(attempt, "succeeded")
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    records, _ = stores[0].list_stories(page_size=1000)
+    assert len(records) == 13  # 6 x 2 own stories + one shared request id
+    assert all(r.state == "succeeded" and [s.attempts for s in r.shots] == [1, 1, 1] for r in records)
+    assert stores[1].integrity_check()
+    for store in stores:
+        store.close()
+
+
+# --- the lifecycle invariants, under random operation sequences ------------------------------
+
+class Lifecycle(RuleBasedStateMachine):
+    """Random submits, starts, finishes, controls and recoveries; after each step the invariants of
+    store.py's docstring must hold over the whole database."""
+
+    @initialize()
+    def open_store(self):
+        self.folder = tempfile.TemporaryDirectory()
+        self.store = JobStore.open(Path(self.folder.name) / "jobs.db", max_attempts=2)
+        self.stories: list[str] = []
+        self.open_attempts: dict[str, str] = {}  # attempt id -> shot id
+        self.succeeded: dict[str, int] = {}      # shot id -> its attempt count when it succeeded
+        self.final: dict[str, str] = {}          # story id -> succeeded or cancelled: never left
+        self.last_seq = 0
+        for n in (1, 3):
+            self.submit(n, priority=0)
+
+    def teardown(self):
+        if hasattr(self, "store"):
+            self.store.close()
+            self.folder.cleanup()
+
+    @precondition(lambda self: len(self.stories) < 5)
+    @rule(n=st.integers(1, 3), priority=st.integers(0, 2))
+    def submit(self, n, priority):
+        self.stories.append(submit(self.store, n, priority=priority))
+
+    @rule(data=st.data())
+    def start(self, data):
+        runnable = self.store.runnable_shots(10)
+        if runnable:
+            shot = data.draw(st.sampled_from(runnable))
+            self.open_attempts[self.store.start_attempt(shot.id, "gpu0")] = shot.id
+
+    @rule(data=st.data())
+    def start_any(self, data):
+        """Any shot of any story: only a queued one may start, and the store must say so."""
+        story = self.store.get_story(data.draw(st.sampled_from(self.stories)))
+        shot = data.draw(st.sampled_from(story.shots))
+        if shot.state == "queued":
+            self.open_attempts[self.store.start_attempt(shot.id, "gpu0")] = shot.id
+        else:
+            with pytest.raises(StateError):
+                self.store.start_attempt(shot.id, "gpu0")
+
+    @precondition(lambda self: self.open_attempts)
+    @rule(data=st.data(), outcome=st.sampled_from(["succeeded", "succeeded", "failed", "cancelled", "lost"]),
+          retryable=st.booleans())
+    def finish(self, data, outcome, retryable):
+        attempt = data.draw(st.sampled_from(list(self.open_attempts)))  # insertion order: ids are random
+        self.open_attempts.pop(attempt)
+        self.store.finish_attempt(attempt, outcome, retryable=retryable)
+
+    @rule(data=st.data(), op=st.sampled_from(["request_cancel", "request_pause", "resume", "retry_shot"]))
+    def control(self, data, op):
+        story_id = data.draw(st.sampled_from(self.stories))
+        args = (story_id, data.draw(st.integers(0, 2))) if op == "retry_shot" else (story_id,)
+        try:
+            getattr(self.store, op)(*args)
+        except (StateError, NotFound):
+            pass
+
+    @precondition(lambda self: self.open_attempts)
+    @rule()
+    def recover(self):
+        assert self.store.recover() == len(self.open_attempts)
+        self.open_attempts.clear()
+
+    @invariant()
+    def lifecycle_holds(self):
+        records, _ = self.store.list_stories(page_size=1000)
+        running = set(self.open_attempts.values())
+        for record in records:
+            shot_states = [s.state for s in record.shots]
+            assert shot_states.count("running") <= 1
+            done = shot_states.count("succeeded")
+            assert shot_states[:done] == ["succeeded"] * done  # succeeded shots form a prefix
+            assert (record.state == "succeeded") <= (done == len(shot_states))
+            if done == len(shot_states):
+                assert record.state in ("succeeded", "cancelled")
+            assert ("paused" in shot_states) <= (record.state == "paused")
+            assert (record.state == "queued") <= (not any(s.attempts for s in record.shots))
+            assert (record.state == "running") <= any(s.attempts for s in record.shots)
+            if record.id in self.final:  # succeeded and cancelled are final
+                assert record.state == self.final[record.id]
+            elif record.state in ("succeeded", "cancelled"):
+                self.final[record.id] = record.state
+            assert ("failed" in shot_states) == (record.state == "failed")
+            if record.state in ("paused", "cancelled"):
+                assert not {"queued", "waiting"} & set(shot_states)
+            for shot in record.shots:
+                assert (shot.state == "running") == (shot.id in running)
+                if shot.state == "queued":
+                    assert shot.index == 0 or record.shots[shot.index - 1].state == "succeeded"
+                if shot.state == "waiting":
+                    assert record.shots[shot.index - 1].state != "succeeded"
+                if shot.id in self.succeeded:  # a succeeded shot never changes, nor runs again
+                    assert (shot.state, shot.attempts) == ("succeeded", self.succeeded[shot.id])
+                elif shot.state == "succeeded":
+                    self.succeeded[shot.id] = shot.attempts
+        events = self.store.events_since(None, after_seq=self.last_seq, limit=10_000)
+        assert all(a.seq < b.seq for a, b in zip(events, events[1:]))
+        self.last_seq = events[-1].seq if events else self.last_seq
+
+
+Lifecycle.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None,
+                                       suppress_health_check=[HealthCheck.too_slow])
+test_lifecycle_invariants = Lifecycle.TestCase
