@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= out/demo
+DEMO_DATA ?= var/demo
+DEMO_SERVER ?= 127.0.0.1:50151
 
 .PHONY: demo test proto clean
 
@@ -14,9 +16,20 @@ $(VENV): pyproject.toml constraints-cpu.txt
 	$(PIP) install -c constraints-cpu.txt -e ".[dev]"
 	@touch $(VENV)
 
+# The demo runs the real thing: the daemon in the background on the embedded defaults (tiny preset,
+# CPU, loopback), the example story submitted and watched with progress bars, its artifacts
+# downloaded to $(DEMO_OUT), then the daemon stopped with SIGTERM (a clean, graceful exit).
 demo: $(VENV)
-	$(VENV)/bin/storyfarm render configs/stories/lighthouse.yaml --preset tiny --out $(DEMO_OUT) --seed 7
-	@echo "story video: $(DEMO_OUT)/story.mp4"
+	@rm -rf $(DEMO_DATA) && mkdir -p $(DEMO_DATA)
+	@set -e; \
+	$(VENV)/bin/storyfarm serve --data-dir $(DEMO_DATA) --listen $(DEMO_SERVER) > $(DEMO_DATA)/daemon.log 2>&1 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
+	for i in $$(seq 120); do $(VENV)/bin/storyfarm pool --server $(DEMO_SERVER) > /dev/null 2>&1 && break; sleep 1; done; \
+	id=$$($(VENV)/bin/storyfarm submit configs/stories/lighthouse.yaml --server $(DEMO_SERVER) --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["story_id"])'); \
+	echo "submitted story $$id"; \
+	$(VENV)/bin/storyfarm watch $$id --server $(DEMO_SERVER); \
+	$(VENV)/bin/storyfarm download $$id --out $(DEMO_OUT) --server $(DEMO_SERVER); \
+	echo "story video: $(DEMO_OUT)/story.mp4 (daemon log: $(DEMO_DATA)/daemon.log)"
 
 test: $(VENV)
 	$(VENV)/bin/pytest -q

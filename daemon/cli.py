@@ -1,9 +1,11 @@
 """The `storyfarm` command line.
 
-Today: `render` (a whole story on this machine, no daemon), `validate` (check a story file against
-a preset without rendering) and `presets`. The CLI only parses arguments, calls the layer below and
-prints; it holds no rendering logic. Exit codes: 0 done, 2 bad input (every problem printed with its
-field path), 1 a failure while rendering, 130 interrupted.
+Here: `render` (a whole story on this machine, no daemon), `validate` (check a story file against
+a preset without rendering) and `presets`; the commands that talk to a running daemon (submit,
+watch, ls, get, ...) live in cli_client.py and register themselves into this parser. The CLI only
+parses arguments, calls the layer below and prints; it holds no rendering logic. Exit codes: 0 done,
+2 bad input (every problem printed with its field path), 1 a failure while rendering, 130
+interrupted; the client commands add 3 (not found) and 4 (not allowed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from storyfarm.daemon.cli_client import add_commands as add_client_commands
+from storyfarm.daemon.cli_serve import add_serve_parser
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -49,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--preset", default="tiny", help="preset whose limits apply (default: tiny)")
 
     sub.add_parser("presets", help="list packaged model presets")
+    add_serve_parser(sub)  # the daemon itself (cli_serve.py)
+    add_client_commands(sub)  # submit, watch, ls, get, ... against a running daemon (cli_client.py)
     return parser
 
 
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=False, highlight=False)
     commands = {"render": cmd_render, "validate": cmd_validate, "presets": cmd_presets}
-    return commands[args.command](args, console)
+    run = commands.get(args.command) or args.run  # client commands carry their handler
+    return run(args, console)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="worker devices (default auto)")
     serve.add_argument("--grace-seconds", type=float, help="SIGTERM grace for running shots")
     serve.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
+    serve.set_defaults(run=cmd_serve)
 
 
 def cmd_serve(args, console) -> int:

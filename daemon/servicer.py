@@ -272,7 +272,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 if w["story_id"]:
                     worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
         for state, count in self.store.count_stories_by_state().items():
-            response.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
+            if count and state not in FINAL:  # the queue as it is now, not history
+                response.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
         return response
 
     @_rpc

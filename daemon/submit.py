@@ -122,18 +122,19 @@ def check_submit(request: pb.SubmitStoryRequest, preset: Preset, limits: LimitsC
         try:
             story = check_against_model(parse_story(document, source=form, base_dir=tmp, fmt=fmt), preset.model_limits())
         except StoryValidationError as exc:
-            raise invalid(f"story refused ({len(exc.errors)} problem(s))", fields=[(e.path or form, e.message) for e in exc.errors]) from None
+            raise invalid(f"story refused ({len(exc.errors)} problem(s))",
+                          fields=[(f"{form}.{e.path}" if e.path else form, e.message) for e in exc.errors]) from None
     if len(story.shots) > limits.max_shots:
-        raise invalid("too many shots", fields=[("shots", f"{len(story.shots)} shots; at most {limits.max_shots}")])
+        raise invalid("too many shots", fields=[(f"{form}.shots", f"{len(story.shots)} shots; at most {limits.max_shots}")])
     render, over = preset.render, []
     shots = []
     for shot in story.shots:
         width, height = shot.resolution or render.resolution
         frames, steps = shot.frames or render.frames, shot.steps or render.steps
         if not limits.admits_work(width, height, frames, steps):
-            over.append((shot.path, f"{width}x{height} x {frames} frames x {steps} steps exceeds the per-shot budget {limits.max_work}"))
+            over.append((f"{form}.{shot.path}", f"{width}x{height} x {frames} frames x {steps} steps exceeds the per-shot budget {limits.max_work}"))
         if len(shot.prompt) > limits.max_prompt_chars:
-            over.append((f"{shot.path}.prompt", f"{len(shot.prompt)} characters; at most {limits.max_prompt_chars}"))
+            over.append((f"{form}.{shot.path}.prompt", f"{len(shot.prompt)} characters; at most {limits.max_prompt_chars}"))
         shots.append(ShotIn(index=shot.index, scene=shot.scene, shot=shot.shot, prompt=shot.prompt,
                             settings=json.dumps(shot.overrides(), default=list)))
     if over:
