@@ -99,7 +99,7 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
             reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(self.config.listen)
+        self.port = self._add_port()
         if not self.port:
             raise RuntimeError(f"listen: cannot bind {self.config.listen}")
         self.pool.start()
@@ -107,6 +107,17 @@ class Daemon:
         self.server.start()
         threading.Thread(target=self._mark_serving, name="storyfarm-health", daemon=True).start()
         log.info("storyfarm listening on %s (preset %s, %d worker(s))", self.config.listen, self.preset.name, len(self.pool.workers))
+
+    def _add_port(self) -> int:
+        tls = self.config.tls
+        if tls is None:
+            return self.server.add_insecure_port(self.config.listen)
+        credentials = grpc.ssl_server_credentials(
+            [(open(tls.key, "rb").read(), open(tls.cert, "rb").read())],
+            root_certificates=open(tls.client_ca, "rb").read() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        return self.server.add_secure_port(self.config.listen, credentials)
 
     def _mark_serving(self) -> None:
         while not self.stopped.is_set() and not self.pool.ready:

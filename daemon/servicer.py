@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 FINAL = {"succeeded", "failed", "cancelled"}
 DEFAULT_PROJECT = "default"
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def _rpc(handler):
@@ -97,35 +99,132 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         return convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
 
     # -- submit --------------------------------------------------------------------------------
-    @_rpc
-    def SubmitStory(self, request, context):
-        if not self.accepting:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down", "SHUTTING_DOWN", retry_after=5.0)
+    def _check(self, request, project: str, prefix: str = ""):
+        """Validate one SubmitStoryRequest; field paths get `prefix` (e.g. `stories[2].`)."""
         if not request.request_id or len(request.request_id) > 128:
-            raise invalid("request_id is required", "INVALID_STORY", [("request_id", "1 to 128 characters, chosen by the client")])
+            raise invalid("request_id is required", "INVALID_STORY", [(f"{prefix}request_id", "1 to 128 characters, chosen by the client")])
         if request.preset and request.preset != self.preset.name:
-            raise invalid(f"preset {request.preset!r} is not served here", "UNKNOWN_PRESET", [("preset", f"this daemon serves {self.preset.name}")])
-        project = self._project_for(request.project)
+            raise invalid(f"preset {request.preset!r} is not served here", "UNKNOWN_PRESET", [(f"{prefix}preset", f"this daemon serves {self.preset.name}")])
         for key, value in request.labels.items():
             if not key or len(key) > 63 or len(value) > 255:
-                raise invalid("bad label", "INVALID_LABEL", [(f"labels[{key}]", "keys 1-63 characters, values up to 255")])
-        checked = check_submit(request, self.preset, self.config.limits)
-        response = pb.SubmitStoryResponse(shot_count=len(checked.shots), warnings=list(checked.story.warnings))
-        if request.validate_only:
-            return response
+                raise invalid("bad label", "INVALID_LABEL", [(f"{prefix}labels[{key}]", "keys 1-63 characters, values up to 255")])
+        try:
+            return check_submit(request, self.preset, self.config.limits)
+        except RpcError as exc:
+            exc.fields = [(prefix + f, d) for f, d in exc.fields]
+            raise
+
+    def _commit(self, request, checked, project: str, *, batch_id=None, deadline=None, labels=None) -> pb.SubmitStoryResponse:
         store_references(checked, Path(self.config.data_dir))
-        deadline = request.deadline_time.ToNanoseconds() / 1e9 if request.HasField("deadline_time") else None
+        if deadline is None and request.HasField("deadline_time"):
+            deadline = request.deadline_time.ToNanoseconds() / 1e9
         try:
             result = self.store.submit_story(
                 request.request_id, project, checked.payload_sha256, checked.story.name or "story", checked.document,
-                checked.shots, priority=request.priority, labels=dict(request.labels), deadline=deadline,
+                checked.shots, priority=request.priority, labels={**(labels or {}), **request.labels}, deadline=deadline,
+                batch_id=batch_id,
             )
         except IdempotencyConflict as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc), "IDEMPOTENCY_CONFLICT",
                            fields=[("request_id", f"already used for story {exc.story_id} with another payload")]) from None
+        return pb.SubmitStoryResponse(story_id=result.story_id, created=result.created, shot_count=len(checked.shots),
+                                      warnings=list(checked.story.warnings))
+
+    def _refuse_when_stopping(self):
+        if not self.accepting:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down", "SHUTTING_DOWN", retry_after=5.0)
+
+    @_rpc
+    def SubmitStory(self, request, context):
+        self._refuse_when_stopping()
+        project = self._project_for(request.project)
+        checked = self._check(request, project)
+        if request.validate_only:
+            return pb.SubmitStoryResponse(shot_count=len(checked.shots), warnings=list(checked.story.warnings))
+        response = self._commit(request, checked, project)
         self.hub.changed()
-        response.story_id, response.created = result.story_id, result.created
         return response
+
+    # -- batches -------------------------------------------------------------------------------
+    def _batch(self, batch_id: str) -> pb.Batch:
+        summary = self.store.batch_summary(batch_id)
+        if summary.total == 0:
+            raise not_found("batch", batch_id, "BATCH_NOT_FOUND")
+        first = self.store.list_stories(batch_id=batch_id, page_size=1)[0][0]
+        self._project_for(first.project)
+        batch = pb.Batch(batch_id=batch_id, project=first.project, deadline_time=convert.timestamp(summary.deadline),
+                         create_time=convert.timestamp(first.created_at), story_count=summary.total,
+                         done=all(summary.counts.get(state, 0) == 0 for state in summary.counts if state not in FINAL))
+        for state, count in summary.counts.items():
+            if count:
+                batch.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
+        return batch
+
+    @_rpc
+    def SubmitBatch(self, request, context):
+        self._refuse_when_stopping()
+        if not BATCH_ID.fullmatch(request.batch_id):
+            raise invalid("bad batch id", "INVALID_BATCH_ID", [("batch_id", "1-100 letters, digits, '.', '_', '-'")])
+        if not request.stories:
+            raise invalid("empty batch", "INVALID_STORY", [("stories", "at least one story")])
+        project = self._project_for(request.project)
+        existing = self.store.list_stories(batch_id=request.batch_id, page_size=1)[0]
+        if existing and existing[0].project != project:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"batch {request.batch_id} belongs to project {existing[0].project}",
+                           "BATCH_CONFLICT", fields=[("batch_id", "already used by another project")])
+        deadline = request.deadline_time.ToNanoseconds() / 1e9 if request.HasField("deadline_time") else None
+        checked = [self._check(story, project, f"stories[{i}].") for i, story in enumerate(request.stories)]  # all or nothing
+        response = pb.SubmitBatchResponse()
+        if request.validate_only:
+            response.stories.extend(pb.SubmitStoryResponse(shot_count=len(c.shots)) for c in checked)
+            return response
+        for story, check in zip(request.stories, checked):
+            response.stories.append(self._commit(story, check, project, batch_id=request.batch_id, deadline=deadline,
+                                                 labels=dict(request.labels)))
+        self.hub.changed()
+        response.batch.CopyFrom(self._batch(request.batch_id))
+        return response
+
+    @_rpc
+    def GetBatch(self, request, context):
+        return self._batch(request.batch_id)
+
+    @_rpc
+    def CancelBatch(self, request, context):
+        self._batch(request.batch_id)  # exists, and the caller may act on its project
+        self.store.cancel_batch(request.batch_id)
+        if self.dispatcher is not None:
+            for story in self._batch_stories(request.batch_id):
+                self.dispatcher.cancel_running(story)
+        self.hub.changed()
+        return self._batch(request.batch_id)
+
+    def _batch_stories(self, batch_id: str) -> set[str]:
+        ids, token = set(), None
+        while True:
+            records, token = self.store.list_stories(batch_id=batch_id, page_size=500, page_token=token)
+            ids.update(r.id for r in records)
+            if not token:
+                return ids
+
+    @_rpc
+    def WatchBatch(self, request, context):
+        batch = self._batch(request.batch_id)
+        stories = self._batch_stories(request.batch_id)
+        seq = request.after_seq
+        yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), batch_snapshot=batch)
+        version = self.hub.version
+        while context.is_active():
+            for e in self.store.events_since(None, seq):
+                seq = e.seq
+                msg = convert.event(e) if e.story_id in stories else None
+                if msg is not None:
+                    yield msg
+            batch = self._batch(request.batch_id)
+            if batch.done:
+                yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), batch_snapshot=batch)
+                return
+            version = self.hub.wait(version, timeout=min(1.0, self.heartbeat_s))
 
     # -- reading -------------------------------------------------------------------------------
     @_rpc

@@ -182,3 +182,32 @@ def test_a_second_daemon_on_the_same_data_dir_is_refused(daemon):
     d, _ = daemon
     with pytest.raises(RuntimeError, match="in use by another storyfarm daemon"):
         Daemon(d.config)
+
+
+def test_batch_submit_watch_cancel(daemon):
+    d, stub = daemon
+    batch_id = f"overnight-{uuid.uuid4().hex[:6]}"
+    stories = [pb.SubmitStoryRequest(request_id=f"{batch_id}-{i}", story_json=story_yaml(1)) for i in range(2)]
+    bad = pb.SubmitBatchRequest(batch_id=batch_id, stories=[*stories, pb.SubmitStoryRequest(request_id="x", story_json="{}")])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitBatch(bad)
+    assert any(f.startswith("stories[2].") for f in violations(err.value)[0])  # all or nothing
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    response = stub.SubmitBatch(pb.SubmitBatchRequest(batch_id=batch_id, stories=stories))
+    assert response.batch.story_count == 2 and all(s.created for s in response.stories)
+    again = stub.SubmitBatch(pb.SubmitBatchRequest(batch_id=batch_id, stories=stories))  # a retried batch
+    assert [s.story_id for s in again.stories] == [s.story_id for s in response.stories] and not any(s.created for s in again.stories)
+    events = list(stub.WatchBatch(pb.WatchBatchRequest(batch_id=batch_id), timeout=180))
+    assert events[-1].batch_snapshot.done
+    counts = {c.state: c.count for c in stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id)).stories_by_state}
+    assert counts == {pb.STORY_STATE_SUCCEEDED: 2}
+
+    late = f"{batch_id}-late"
+    stub.SubmitBatch(pb.SubmitBatchRequest(batch_id=late, stories=[pb.SubmitStoryRequest(request_id=f"{late}-0", story_json=story_yaml(3, steps=20))]))
+    cancelled = stub.CancelBatch(pb.CancelBatchRequest(batch_id=late))
+    assert cancelled.done or {c.state for c in cancelled.stories_by_state} == {pb.STORY_STATE_CANCELLED}
+    story_id = stub.ListStories(pb.ListStoriesRequest(batch_id=late)).stories[0].story_id
+    assert wait_final(stub, story_id).state == pb.STORY_STATE_CANCELLED
