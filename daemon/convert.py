@@ -73,7 +73,12 @@ def event(e: Event) -> pb.StoryEvent | None:
     elif e.kind == "shot_state":
         msg.shot_state_changed.CopyFrom(pb.ShotStateChanged(
             shot_index=p["index"], old_state=SHOT_STATES.get(p.get("from") or "", pb.SHOT_STATE_UNSPECIFIED),
-            new_state=SHOT_STATES[p["to"]], reason=p.get("reason") or ""))
+            new_state=SHOT_STATES[p["to"]], reason=p.get("reason") or "", attempt=p.get("attempt") or 0,
+            worker=p.get("worker") or ""))
+    elif e.kind == "artifact_published":
+        msg.artifact_published.CopyFrom(pb.ArtifactPublished(artifact=artifact(ArtifactRecord(
+            story_id=e.story_id, shot_index=p.get("shot_index"), name=p["name"], kind=p["artifact_kind"], path="",
+            size=p["size"], sha256=p["sha256"], created_at=p.get("created_at") or e.time))))
     else:
         return None
     return msg

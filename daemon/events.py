@@ -22,6 +22,14 @@ class LiveProgress:
     total: int
     worker: str
     time: float
+    started: float  # when this shot's first report arrived
+
+    @property
+    def shot_eta(self) -> float | None:
+        """Seconds left in the denoising loop at the pace of the steps so far (None before a step)."""
+        if self.stage != "denoise" or self.step <= 0:
+            return None
+        return (self.time - self.started) / self.step * max(0, self.total - self.step)
 
 
 class EventHub:
@@ -57,7 +65,9 @@ class EventHub:
 
     def progress(self, story_id: str, shot_index: int, stage: str, step: int, total: int, worker: str) -> None:
         with self._cond:
-            update = LiveProgress(shot_index, stage, step, total, worker, time.time())
+            now, previous = time.time(), self._progress.get(story_id)
+            started = previous.started if previous is not None and previous.shot_index == shot_index else now
+            update = LiveProgress(shot_index, stage, step, total, worker, now, started)
             self._progress[story_id] = update
             for queue in self._subscribers.get(story_id, ()):
                 queue.append(update)

@@ -9,12 +9,14 @@ store's log (resumable by seq) and add live per-step progress and heartbeats fro
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import re
 import time
 from pathlib import Path
 
 import grpc
+from PIL import Image
 
 from storyfarm.daemon import convert
 from storyfarm.daemon.artifacts import ArtifactError, ArtifactStore, OffsetOutOfRange
@@ -32,6 +34,7 @@ from storyfarm.v1 import render_pb2_grpc
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+PREVIEW_PX = 160
 FINAL = {"succeeded", "failed", "cancelled"}
 DEFAULT_PROJECT = "default"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -333,26 +336,57 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                                 snapshot=pb.Snapshot(story=self._story_message(record)))
         updates = self.hub.subscribe(record.id)
         try:
-            yield from self._watch_loop(record.id, seq, updates, context)
+            yield from self._watch_loop(record.id, seq, updates, context, previews=request.include_previews)
         finally:
             self.hub.unsubscribe(record.id, updates)
 
-    def _watch_loop(self, story_id: str, seq: int, updates, context):
+    def _previews(self, story_id: str, record, shot_index: int):
+        """Small PNG thumbnails of the keyframes a shot added to the story's memory."""
+        shot = next((s for s in record.shots if s.index == shot_index), None)
+        for kid in (shot.result or {}).get("new_keyframes", []) if shot else []:
+            path = self.artifacts.story_dir(story_id) / "keyframes" / f"{kid}.png"
+            if not path.is_file():
+                continue
+            with Image.open(path) as image:
+                image.thumbnail((PREVIEW_PX, PREVIEW_PX))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                frame = int(kid.split("f")[-1]) if "f" in kid else 0
+                yield pb.KeyframePreview(keyframe_id=kid, shot_index=shot_index, frame_index=frame, image=buffer.getvalue(),
+                                         content_type="image/png", width=image.width, height=image.height)
+
+    @staticmethod
+    def _mean_shot_seconds(record) -> float | None:
+        done = [sum(s.result.get("seconds", {}).values()) for s in record.shots if s.result]
+        return sum(done) / len(done) if done else None
+
+    def _watch_loop(self, story_id: str, seq: int, updates, context, previews: bool = False):
         version, last_sent = self.hub.version, time.monotonic()
         while context.is_active():
+            record = self.store.get_story(story_id)
             for e in self.store.events_since(story_id, seq):
                 seq = e.seq
                 msg = convert.event(e)
-                if msg is not None:
-                    yield msg
-                    last_sent = time.monotonic()
+                if msg is None:
+                    continue
+                yield msg
+                last_sent = time.monotonic()
+                if previews and e.kind == "shot_state" and e.payload["to"] == "succeeded":
+                    for preview in self._previews(story_id, record, e.payload["index"]):
+                        yield pb.StoryEvent(seq=seq, time=msg.time, story_id=story_id, keyframe_preview=preview)
+            mean = self._mean_shot_seconds(record)
             while updates:
                 live = updates.popleft()
-                yield pb.StoryEvent(seq=seq, time=convert.timestamp(live.time), story_id=story_id,
-                                    progress=pb.Progress(shot_index=live.shot_index, stage=convert.STAGES.get(live.stage, 0),
-                                                         step=live.step, total_steps=live.total))
+                progress = pb.Progress(shot_index=live.shot_index, stage=convert.STAGES.get(live.stage, 0),
+                                       step=live.step, total_steps=live.total)
+                if live.shot_eta is not None:
+                    progress.shot_eta.FromMilliseconds(int(live.shot_eta * 1000))
+                    later = len(record.shots) - live.shot_index - 1
+                    if mean is not None:  # the shots after this one, at the pace of those already done
+                        progress.eta.FromMilliseconds(int((live.shot_eta + later * mean) * 1000))
+                yield pb.StoryEvent(seq=seq, time=convert.timestamp(live.time), story_id=story_id, progress=progress)
                 last_sent = time.monotonic()
-            if self.store.get_story(story_id).state in FINAL and not self.store.events_since(story_id, seq, limit=1):
+            if record.state in FINAL and not self.store.events_since(story_id, seq, limit=1):
                 return
             if time.monotonic() - last_sent >= self.heartbeat_s:
                 yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), story_id=story_id,

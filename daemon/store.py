@@ -123,12 +123,15 @@ class _Tx:
         if state != old:
             self.emit(story["id"], "story_state", **{"from": old, "to": state, "reason": reason})
 
-    def set_shot(self, shot: dict, state: str, *, reason: str | None = None, **columns: Any) -> None:
+    def set_shot(self, shot: dict, state: str, *, reason: str | None = None, attempt: dict | None = None,
+                 **columns: Any) -> None:
+        """`attempt` (number, worker) is named in the event when the change comes from one."""
         old = shot["state"]
         self._update("shots", shot, {"state": state, **columns})
         if state != old:
+            extra = {"attempt": attempt["number"], "worker": attempt["worker"]} if attempt else {}
             self.emit(shot["story_id"], "shot_state", index=shot["idx"], shot_id=shot["id"],
-                      **{"from": old, "to": state, "reason": reason})
+                      **{"from": old, "to": state, "reason": reason}, **extra)
 
 
 def _ready_state(story: dict) -> str:
@@ -384,7 +387,7 @@ class JobStore:
                           " VALUES (?, ?, ?, ?, ?, ?)", (attempt_id, shot_id, story["id"], number, worker, tx.now))
             tx.emit(story["id"], "attempt_started", index=shot["idx"], attempt_id=attempt_id, worker=worker,
                     number=number)
-            tx.set_shot(shot, "running")
+            tx.set_shot(shot, "running", attempt={"number": number, "worker": worker})
             if story["state"] == "queued":
                 tx.set_story(story, "running")
             return attempt_id
@@ -428,7 +431,7 @@ class JobStore:
         tx.emit(story["id"], "attempt_finished", index=index, attempt_id=attempt["id"], outcome=outcome,
                 error=error)
         if outcome == "succeeded":
-            tx.set_shot(shot, "succeeded", error=None, result=None if result is None else json.dumps(result))
+            tx.set_shot(shot, "succeeded", attempt=attempt, error=None, result=None if result is None else json.dumps(result))
             self._record_artifacts(tx, story["id"], index, attempt["id"], artifacts)
             if story["state"] == "cancelled":
                 return  # kept, but the story stays cancelled
@@ -438,21 +441,21 @@ class JobStore:
             elif index + 1 < len(shots) and shots[index + 1]["state"] == "waiting":
                 tx.set_shot(shots[index + 1], _ready_state(story), reason=f"shot {index} succeeded")
         elif story["state"] == "cancelled":
-            tx.set_shot(shot, "cancelled", error=error, reason="story cancelled")
+            tx.set_shot(shot, "cancelled", attempt=attempt, error=error, reason="story cancelled")
         elif outcome == "cancelled":
-            tx.set_shot(shot, "cancelled", error=error, reason="cancelled by its worker")
+            tx.set_shot(shot, "cancelled", attempt=attempt, error=error, reason="cancelled by its worker")
             self._cancel(tx, story, f"shot {index} was cancelled by its worker")
         elif outcome == "lost":
-            tx.set_shot(shot, _ready_state(story), error=error, reason="attempt lost")
+            tx.set_shot(shot, _ready_state(story), attempt=attempt, error=error, reason="attempt lost")
         else:
             failures = shot["failures"] + 1
             if retryable and failures < self.max_attempts:
-                tx.set_shot(shot, _ready_state(story), failures=failures, error=error,
+                tx.set_shot(shot, _ready_state(story), attempt=attempt, failures=failures, error=error,
                             reason=f"failed attempt {failures} of {self.max_attempts}")
             else:
                 why = (f"not retryable: {error}" if not retryable
                        else f"failed {failures} times, last error: {error}")
-                tx.set_shot(shot, "failed", failures=failures, error=error, reason=why)
+                tx.set_shot(shot, "failed", attempt=attempt, failures=failures, error=error, reason=why)
                 tx.set_story(story, "failed", error=f"shot {index} {why}", reason=f"shot {index} failed")
                 for later in tx.shots(story["id"])[index + 1:]:  # held by a pause: now they wait for a retry
                     if later["state"] == "paused":
@@ -469,6 +472,8 @@ class JobStore:
                      attempt_id, tx.now))
             except sqlite3.IntegrityError:
                 raise StateError(f"story {story_id} already has an artifact named {a.name!r}") from None
+            tx.emit(story_id, "artifact_published", name=a.name, artifact_kind=a.kind, size=a.size, sha256=a.sha256,
+                    shot_index=None if a.story_level else index, created_at=tx.now)
 
     # --- control --------------------------------------------------------------------------
 

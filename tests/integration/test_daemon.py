@@ -90,7 +90,7 @@ def test_submit_watch_download(daemon):
     again = submit(stub, story_yaml(), request_id)
     assert first.created and not again.created and again.story_id == first.story_id and first.shot_count == 3
 
-    events = list(stub.WatchStory(pb.WatchStoryRequest(story_id=first.story_id), timeout=180))
+    events = list(stub.WatchStory(pb.WatchStoryRequest(story_id=first.story_id, include_previews=True), timeout=180))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "snapshot"
     steps = {(e.progress.shot_index, e.progress.step) for e in events if e.HasField("progress") and e.progress.step}
@@ -99,10 +99,19 @@ def test_submit_watch_download(daemon):
     assert finals[-1] == pb.STORY_STATE_SUCCEEDED
     seqs = [e.seq for e in events]
     assert seqs == sorted(seqs)
+    published = {e.artifact_published.artifact.name for e in events if e.HasField("artifact_published")}
+    succeeded = [e.shot_state_changed for e in events if e.HasField("shot_state_changed")
+                 and e.shot_state_changed.new_state == pb.SHOT_STATE_SUCCEEDED]
+    assert [s.attempt for s in succeeded] == [1, 1, 1] and all(s.worker == "w0" for s in succeeded)
+    previews = [e.keyframe_preview for e in events if e.HasField("keyframe_preview")]
+    assert previews and all(p.image.startswith(b"\x89PNG") and p.width <= 160 for p in previews)
+    etas = [e.progress for e in events if e.HasField("progress") and e.progress.HasField("eta")]
+    assert etas and all(p.eta.ToTimedelta().total_seconds() >= p.shot_eta.ToTimedelta().total_seconds() for p in etas)
 
     story = stub.GetStory(pb.GetStoryRequest(story_id=first.story_id))
     assert [s.state for s in story.shots] == [pb.SHOT_STATE_SUCCEEDED] * 3
     names = {a.name for a in story.artifacts}
+    assert published == names  # every artifact was announced on the watch
     assert {"story.mp4", "manifest.json", "contact_sheet.png"} <= names
     assert sum(a.kind == pb.ARTIFACT_KIND_SHOT_VIDEO for a in story.artifacts) == 3
     for artifact in story.artifacts:

@@ -365,10 +365,15 @@ def test_events_record_every_state_change_in_order(store):
     assert summary == [
         ("story_state", None, "queued"),
         ("attempt_started", 0, None), ("shot_state", 0, "running"), ("story_state", None, "running"),
-        ("attempt_finished", 0, "succeeded"), ("shot_state", 0, "succeeded"), ("shot_state", 1, "queued"),
+        ("attempt_finished", 0, "succeeded"), ("shot_state", 0, "succeeded"), ("artifact_published", None, None),
+        ("shot_state", 1, "queued"),
         ("attempt_started", 1, None), ("shot_state", 1, "running"),
         ("attempt_finished", 1, "failed"), ("shot_state", 1, "queued"),
     ]
+    running = [e.payload for e in events if e.kind == "shot_state" and e.payload["to"] == "running"]
+    assert [(p["attempt"], bool(p["worker"])) for p in running] == [(1, True), (1, True)]  # who ran it, which try
+    published = next(e.payload for e in events if e.kind == "artifact_published")
+    assert published["shot_index"] == 0 and len(published["sha256"]) == 64
     tail = store.events_since(story_id, after_seq=events[-3].seq, limit=10)
     assert [e.seq for e in tail] == [e.seq for e in events[-2:]]
     assert other in {e.story_id for e in store.events_since(None)}
