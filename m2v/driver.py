@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+from safetensors.torch import load_file, save_file
 
 from storyfarm.m2v import video
 from storyfarm.m2v.engine import Engine, ShotPlan
-from storyfarm.m2v.files import write_json
+from storyfarm.m2v.files import atomic_output, write_json
 from storyfarm.m2v.keyframes import KeyframeSelector
 from storyfarm.m2v.memory import MemoryBank
 from storyfarm.m2v.references import load_reference_image
@@ -163,9 +164,16 @@ class StoryRenderer:
         plan.memory = list(zip(window, bank.images(window)))
         transition, plan.known_frames = self._continuation_frames(story, shot, out)
         plan.use_t2v = shot.index == 0 and self.preset.render.first_shot == "t2v"
+        latent_file = out / "keyframes" / f"latents-{self.preset.name}-{plan.width}x{plan.height}.safetensors"
+        persisted = load_file(str(latent_file)) if latent_file.is_file() else {}
+        self.engine.import_memory_latents(plan, persisted)
         if progress:
             progress.shot_start(shot, plan)
         result = self.engine.render_shot(plan, on_step=on_step)
+        fresh = {k: v for k, v in self.engine.export_memory_latents(plan).items() if k not in persisted}
+        if fresh:  # the story's memory keeps its latents too: a restarted worker does not re-encode
+            with atomic_output(latent_file) as tmp:
+                save_file({**persisted, **fresh}, str(tmp))
         # A continuation's leading frames re-create the previous shot's last frame(s) it was
         # conditioned on; as in StoryMem, they are dropped so joins neither repeat nor stutter
         # (and keyframe selection cannot pick a copy of the previous shot).

@@ -97,11 +97,37 @@ class Engine:
     def _text(self, prompt: str, namespace: str) -> torch.Tensor:
         return self.pool.get_or_create((namespace, "text", _digest(prompt)), lambda: self.text.encode([prompt]))
 
+    @staticmethod
+    def latent_name(kid: str, image: np.ndarray) -> str:
+        """A keyframe latent's identity: its id and its pixels (a re-rendered shot may reuse an id
+        for a different image; its old latent must never be used for the new one)."""
+        return f"{kid}:{hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]}"
+
+    def _keyframe_keys(self, plan: ShotPlan) -> list[tuple]:
+        return [(plan.story_key, "keyframe", self.latent_name(kid, img), plan.width, plan.height) for kid, img in plan.memory]
+
+    def export_memory_latents(self, plan: ShotPlan) -> dict[str, torch.Tensor]:
+        """The plan's keyframe latents the pool holds, by latent_name, on the CPU (to persist)."""
+        out = {}
+        for key in self._keyframe_keys(plan):
+            if key in self.pool:
+                out[key[2]] = self.pool.get(key).detach().to("cpu")
+        return out
+
+    def import_memory_latents(self, plan: ShotPlan, latents: dict[str, torch.Tensor]) -> int:
+        """Seed the pool with persisted latents of the plan's keyframes; returns how many were used."""
+        used = 0
+        for key in self._keyframe_keys(plan):
+            if key not in self.pool and key[2] in latents:
+                self.pool.put(key, latents[key[2]])
+                used += 1
+        return used
+
     def memory_latents(self, plan: ShotPlan) -> torch.Tensor | None:
         """[M, C, h, w] for the plan's memory window; encodes only keyframes the pool lacks."""
         if not plan.memory:
             return None
-        keys = [(plan.story_key, "keyframe", kid, plan.width, plan.height) for kid, _ in plan.memory]
+        keys = self._keyframe_keys(plan)
         found = [self.pool.get(k) for k in keys]
         missing = [i for i, t in enumerate(found) if t is None]
         if missing:

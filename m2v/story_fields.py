@@ -170,7 +170,9 @@ def read_text(value: Any, path: str, errors: FieldErrors, *, limit: int = MAX_PR
             allowed = "none are allowed here" if one_line else "only newline and tab are allowed"
             errors.add(path, f"contains a control character {where}; {allowed}")
         ok = False
-    return value if ok else None
+    # NFC: the same words typed on two systems (composed vs decomposed accents) are the same
+    # prompt, so they tokenise alike and share cached text embeddings.
+    return unicodedata.normalize("NFC", value) if ok else None
 
 
 def read_bool(value: Any, path: str, errors: FieldErrors) -> bool | None:

@@ -46,3 +46,20 @@ def test_rerendering_a_middle_shot_reproduces_it(tiny_engine, tmp_path):
         redo = fresh.render_shot(story, shot, out)
         assert redo["sha256"] == shots[shot.index]["sha256"]
     assert json.loads((out / "keyframes" / "memory.json").read_text()) == bank_before
+
+
+def test_memory_latents_persist_with_the_story(tiny_engine, tmp_path, monkeypatch):
+    """A shot rendered by a worker that never saw the story encodes no keyframe: the latents of
+    the story's memory are on disk next to its keyframes, keyed by id and pixels."""
+    settings = RenderSettings(frames=9, resolution=(64, 32), steps=2)
+    story = check_against_model(parse_story(STORY), tiny_engine.preset.model_limits())
+    out = tmp_path / "story"
+    manifest = StoryRenderer(tiny_engine, settings).render(story, out)  # releases the story's pool entries at the end
+    assert list((out / "keyframes").glob("latents-tiny-64x32.safetensors"))
+    encoded = []
+    real = tiny_engine.vae.encode_images
+    monkeypatch.setattr(tiny_engine.vae, "encode_images", lambda imgs, **kw: encoded.append(len(imgs)) or real(imgs, **kw))
+    again = StoryRenderer(tiny_engine, settings).render_shot(story, story.shots[3], out)
+    assert encoded == []  # every memory keyframe came from disk
+    assert again["sha256"] == manifest["shots"][3]["sha256"]
+    assert len(again["memory_keyframes"]) > 0

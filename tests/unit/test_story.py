@@ -486,3 +486,9 @@ def test_any_text_yields_a_story_or_a_story_validation_error(data):
         parse_story(data)
     except StoryValidationError as e:
         assert len(str(e).splitlines()) == len(e.errors)
+
+
+def test_prompts_are_normalised_to_nfc():
+    decomposed = "Cafe\u0301 at dawn"  # e + combining acute
+    story = parse_story({"shots": [{"prompt": decomposed}]})
+    assert story.shots[0].prompt == "Caf\u00e9 at dawn"
