@@ -401,12 +401,16 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY, "dead": pb.WORKER_STATE_FAILED}
         if self.dispatcher is not None:
             for w in self.dispatcher.pool.snapshot():
-                worker = response.workers.add(worker_id=w["id"], devices=[w["device"]], state=states[w["state"]], preset=self.preset.name)
+                worker = response.workers.add(worker_id=w["id"], devices=[w["device"]], state=states[w["state"]], preset=self.preset.name,
+                                              resident_story_count=w["resident_stories"])
                 if w["story_id"]:
                     worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
         for state, count in self.store.count_stories_by_state().items():
             if count and state not in FINAL:  # the queue as it is now, not history
                 response.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
+        for state, count in self.store.count_shots_by_state().items():
+            if count and state not in FINAL:
+                response.shots_by_state.add(state=convert.SHOT_STATES[state], count=count)
         return response
 
     @_rpc

@@ -328,6 +328,12 @@ class JobStore:
             rows = tx.db.execute("SELECT state, COUNT(*) AS n FROM stories GROUP BY state").fetchall()
         return {**dict.fromkeys(STORY_STATES, 0), **{r["state"]: r["n"] for r in rows}}
 
+    def count_shots_by_state(self) -> dict[str, int]:
+        """Every shot state with its count, zeros included (queue depth for the pool view)."""
+        with self._read() as tx:
+            rows = tx.db.execute("SELECT state, COUNT(*) AS n FROM shots GROUP BY state").fetchall()
+        return {**dict.fromkeys(SHOT_STATES, 0), **{r["state"]: r["n"] for r in rows}}
+
     def pragmas(self) -> dict[str, Any]:
         """The connection's durability settings, for the start-up log and the tests."""
         names = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "user_version")

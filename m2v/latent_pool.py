@@ -82,6 +82,11 @@ class LatentPool:
             self._account()
             return len(gone)
 
+    def namespaces(self) -> set:
+        """The namespaces (stories, and "shared") that have entries in the pool."""
+        with self._lock:
+            return {k[0] for k in list(self._device) + list(self._cpu)}
+
     def __contains__(self, key: tuple) -> bool:
         return key in self._device or key in self._cpu
 

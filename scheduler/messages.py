@@ -50,6 +50,7 @@ class Done:
     files: tuple[str, ...] = ()  # published files, relative to the story dir
     manifest: dict | None = None  # set when the task finished the story
     seconds: float = 0.0
+    resident_stories: int = 0  # stories whose memory latents the worker's latent pool holds
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class WorkerHandle:
     cancel: object
     state: str = "starting"  # starting | idle | busy | dead
     task: ShotTask | None = None
+    resident_stories: int = 0
     generation: int = 0
     started_at: float = 0.0
 
@@ -39,6 +40,7 @@ class WorkerHandle:
             "id": self.id, "device": self.device, "state": self.state, "pid": self.process.pid,
             "story_id": self.task.story_id if self.task else None,
             "shot_index": self.task.shot_index if self.task else None,
+            "resident_stories": self.resident_stories,
         }
 
 
@@ -112,6 +114,8 @@ class WorkerPool:
                     continue
                 worker.task = None
                 worker.state = "idle"
+                if isinstance(msg, Done):
+                    worker.resident_stories = msg.resident_stories
                 if isinstance(msg, Failed) and msg.fatal:
                     self._replace(worker)
             elif worker.task is None or getattr(msg, "attempt_id", None) != worker.task.attempt_id:

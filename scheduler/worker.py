@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from pathlib import Path
 
 from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, ShotTask
 
@@ -46,7 +47,10 @@ def _render(task: ShotTask, renderer, worker_id: str, outbox, cancel) -> Done:
         outbox.put(Progress(worker_id, task.attempt_id, shot.index, "mp4_encode"))
         manifest = renderer.finish(story, task.story_dir, [*task.entries, entry])
         files += ["story.mp4", "contact_sheet.png", "manifest.json"] + [k["file"] for k in manifest["keyframes"]]
-    return Done(worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started)
+    if task.finish_story:
+        renderer.engine.pool.release(f"story:{Path(task.story_dir).resolve()}")  # the story ended: free its memory
+    resident = len(renderer.engine.pool.namespaces() - {"shared"})
+    return Done(worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started, resident)
 
 
 def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, cancel, threads: int | None = None) -> None:

@@ -220,3 +220,26 @@ def test_batch_submit_watch_cancel(daemon):
     assert cancelled.done or {c.state for c in cancelled.stories_by_state} == {pb.STORY_STATE_CANCELLED}
     story_id = stub.ListStories(pb.ListStoriesRequest(batch_id=late)).stories[0].story_id
     assert wait_final(stub, story_id).state == pb.STORY_STATE_CANCELLED
+
+
+def test_pool_shows_workers_memory_residency_and_queue_depth(daemon):
+    d, stub = daemon
+    slow = stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=story_yaml(2, steps=30)))
+    queued = stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=story_yaml(2)))
+    deadline = time.monotonic() + 60
+    while True:
+        pool = stub.GetPool(pb.GetPoolRequest())
+        shots = {c.state: c.count for c in pool.shots_by_state}
+        if pool.workers[0].state == pb.WORKER_STATE_BUSY and shots.get(pb.SHOT_STATE_QUEUED):
+            break
+        assert time.monotonic() < deadline, pool
+        time.sleep(0.05)
+    assert pool.workers[0].current_shot.story_id == slow.story_id
+    assert shots[pb.SHOT_STATE_QUEUED] >= 1 and shots[pb.SHOT_STATE_WAITING] >= 1  # the other story's shots
+    # after shot 0 of the slow story the worker holds that story's memory latents
+    while stub.GetStory(pb.GetStoryRequest(story_id=slow.story_id)).shots[0].state != pb.SHOT_STATE_SUCCEEDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert stub.GetPool(pb.GetPoolRequest()).workers[0].resident_story_count >= 1
+    stub.CancelStory(pb.CancelStoryRequest(story_id=slow.story_id))
+    stub.CancelStory(pb.CancelStoryRequest(story_id=queued.story_id))
