@@ -98,7 +98,8 @@ def _references(request: pb.SubmitStoryRequest, limits: LimitsConfig, folder: Pa
             continue
         (folder / ref.name).write_bytes(ref.data)
         try:
-            load_reference_image(folder / ref.name, field)
+            load_reference_image(folder / ref.name, field, max_pixels=limits.max_reference_pixels,
+                                 max_bytes=limits.max_reference_bytes)
         except ReferenceImageError as exc:
             problems.append((f"{field}.data", str(exc).split(": ", 1)[-1]))
             continue

@@ -22,21 +22,22 @@ class ReferenceImageError(ValueError):
     pass
 
 
-def load_reference_image(path: str | os.PathLike, field: str) -> np.ndarray:
+def load_reference_image(path: str | os.PathLike, field: str, *, max_pixels: int = MAX_PIXELS,
+                         max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
     """Decode a reference image to uint8 RGB [H, W, 3], or raise ReferenceImageError naming `field`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ReferenceImageError(f"{field}: no such image file {path}")
     size = os.path.getsize(path)
-    if size > MAX_FILE_BYTES:
-        raise ReferenceImageError(f"{field}: {path} is {size} bytes; at most {MAX_FILE_BYTES} allowed")
+    if size > max_bytes:
+        raise ReferenceImageError(f"{field}: {path} is {size} bytes; at most {max_bytes} allowed")
     try:
         with Image.open(path) as im:
             if im.format not in ALLOWED_FORMATS:
                 raise ReferenceImageError(f"{field}: {path} is {im.format}; allowed: {', '.join(ALLOWED_FORMATS)}")
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ReferenceImageError(f"{field}: {path} is {w}x{h}; at most {MAX_PIXELS} pixels allowed")
+            if w * h > max_pixels:
+                raise ReferenceImageError(f"{field}: {path} is {w}x{h}; at most {max_pixels} pixels allowed")
             if min(w, h) < MIN_SIDE:
                 raise ReferenceImageError(f"{field}: {path} is {w}x{h}; each side must be >= {MIN_SIDE}")
             im.draft("RGB", (w, h))

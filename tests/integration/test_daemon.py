@@ -6,6 +6,7 @@ Stories here are small (64x32, 9 frames, 2 steps) so each shot takes a second or
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import uuid
 
 import grpc
 import pytest
+from PIL import Image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -144,6 +146,13 @@ def test_bad_input_gets_field_errors_and_writes_nothing(daemon):
     with pytest.raises(grpc.RpcError) as err:
         submit(stub, story_yaml(), reference_images=[pb.ReferenceImage(name="../evil.png", data=b"x")])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bomb = io.BytesIO()  # 48 megapixels of black: a few hundred KB as PNG, refused from its header
+    Image.new("L", (8000, 6000)).save(bomb, format="PNG")
+    with pytest.raises(grpc.RpcError) as err:
+        submit(stub, json.dumps({**SMALL, "references": ["bomb.png"], "shots": [{"prompt": "a"}]}),
+               reference_images=[pb.ReferenceImage(name="bomb.png", data=bomb.getvalue())])
+    fields, reason = violations(err.value)
+    assert reason == "INVALID_REFERENCE_IMAGE" and "pixels" in fields["reference_images[0].data"]
     assert len(stub.ListStories(pb.ListStoriesRequest(page_size=100)).stories) == len(before)
     with pytest.raises(grpc.RpcError) as err:
         stub.GetStory(pb.GetStoryRequest(story_id="st_0000000000000000"))
