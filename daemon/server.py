@@ -24,7 +24,7 @@ from storyfarm.daemon.auth import AuthInterceptor, Authorizer
 from storyfarm.daemon.config import DaemonConfig
 from storyfarm.daemon.dispatcher import Dispatcher
 from storyfarm.daemon.events import EventHub
-from storyfarm.daemon.servicer import RenderServicer
+from storyfarm.daemon.servicer import CHUNK_BYTES, RenderServicer
 from storyfarm.daemon.store import JobStore
 from storyfarm.m2v.preset import load_preset
 from storyfarm.scheduler.pool import WorkerPool
@@ -32,6 +32,10 @@ from storyfarm.v1 import render_pb2, render_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name
+# limits.max_message_bytes bounds what callers send; the daemon's own responses must still fit a
+# DownloadArtifact chunk (1 MiB of data plus its fields), or a small request limit would make every
+# artifact larger than it undownloadable.
+RESPONSE_FLOOR_BYTES = CHUNK_BYTES + (64 << 10)
 
 
 def worker_devices(config: DaemonConfig) -> list[str]:
@@ -92,7 +96,7 @@ class Daemon:
             futures.ThreadPoolExecutor(max_workers=min(64, limits.max_concurrent_rpcs), thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(Authorizer(self.config.auth))],
             options=[("grpc.max_receive_message_length", limits.max_message_bytes),
-                     ("grpc.max_send_message_length", limits.max_message_bytes)],
+                     ("grpc.max_send_message_length", max(limits.max_message_bytes, RESPONSE_FLOOR_BYTES))],
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         render_pb2_grpc.add_RenderServiceServicer_to_server(self.servicer, self.server)
