@@ -16,9 +16,8 @@ import grpc
 import pytest
 from PIL import Image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from storyfarm.daemon.client_wire import StoryfarmError
 from storyfarm.daemon.config import load_config
 from storyfarm.daemon.server import Daemon
 from storyfarm.v1 import render_pb2 as pb
@@ -65,19 +64,10 @@ def wait_final(stub, story_id, timeout=180):
         time.sleep(0.2)
 
 
-def violations(error: grpc.RpcError) -> tuple[dict[str, str], str]:
-    """Field violations and the ErrorInfo reason from a rich status."""
-    fields, reason = {}, None
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.update({v.field: v.description for v in bad.field_violations})
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-    return fields, reason
+def violations(error: grpc.RpcError) -> tuple[dict[str, str], str | None]:
+    """Field violations and the ErrorInfo reason from a rich status, read as the client library does."""
+    parsed = StoryfarmError.from_rpc_error(error)
+    return dict(parsed.field_violations), parsed.reason
 
 
 def download(stub, story_id, name, offset=0):

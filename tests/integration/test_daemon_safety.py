@@ -24,10 +24,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from storyfarm.daemon.client_wire import StoryfarmError
 from storyfarm.daemon.config import ConfigError, DaemonConfig, check_exposure, load_config
 from storyfarm.daemon.server import Daemon
 from storyfarm.daemon.store import JobStore
@@ -42,19 +42,9 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def violations(error: grpc.RpcError) -> tuple[dict[str, str], str | None]:
-    """Field violations and the ErrorInfo reason from a rich status (as in test_daemon.py)."""
-    fields, reason = {}, None
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.update({v.field: v.description for v in bad.field_violations})
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-    return fields, reason
+    """Field violations and the ErrorInfo reason from a rich status, read as the client library does."""
+    parsed = StoryfarmError.from_rpc_error(error)
+    return dict(parsed.field_violations), parsed.reason
 
 
 def wait_serving(channel: grpc.Channel, timeout: float = 120, what: str = "daemon") -> None:
