@@ -96,14 +96,20 @@ class Daemon:
             futures.ThreadPoolExecutor(max_workers=min(64, limits.max_concurrent_rpcs), thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(Authorizer(self.config.auth))],
             options=[("grpc.max_receive_message_length", limits.max_message_bytes),
-                     ("grpc.max_send_message_length", max(limits.max_message_bytes, RESPONSE_FLOOR_BYTES))],
+                     ("grpc.max_send_message_length", max(limits.max_message_bytes, RESPONSE_FLOOR_BYTES)),
+                     # gRPC sets SO_REUSEPORT by default: a second daemon (another data dir) could bind the
+                     # same address and silently take half the connections. Refuse to start instead.
+                     ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         render_pb2_grpc.add_RenderServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
             reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
-        self.port = self._add_port()
+        try:
+            self.port = self._add_port()
+        except RuntimeError as exc:  # grpcio raises where older versions returned 0
+            raise RuntimeError(f"listen: cannot bind {self.config.listen} (in use, or not an address here): {exc}") from None
         if not self.port:
             raise RuntimeError(f"listen: cannot bind {self.config.listen}")
         self.pool.start()
@@ -136,6 +142,7 @@ class Daemon:
         if self.stopped.is_set():
             return
         self.stopped.set()
+        self.pool.stopping = True  # from here on a worker that dies is not replaced
         self.health.enter_graceful_shutdown()
         self.servicer.accepting = False
         self.dispatcher.draining = True

@@ -55,6 +55,7 @@ class WorkerPool:
         self.outbox = self._ctx.Queue()
         self.workers: dict[str, WorkerHandle] = {}
         self.restarts = 0
+        self.stopping = False  # once stopping, dead workers are not replaced
 
     def start(self) -> None:
         for n, device in enumerate(self.devices):
@@ -141,10 +142,13 @@ class WorkerPool:
         if worker.process.is_alive():
             worker.process.kill()
         worker.process.join(timeout=5)
+        if self.stopping:
+            return
         self.restarts += 1
         self._spawn(worker.id, worker.device, worker.generation + 1)
 
     def stop(self, grace: float = 5.0) -> None:
+        self.stopping = True
         for w in self.workers.values():
             if w.process.is_alive():
                 w.inbox.put(None)

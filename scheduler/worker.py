@@ -11,6 +11,8 @@ never reused.
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -53,8 +55,24 @@ def _render(task: ShotTask, renderer, worker_id: str, outbox, cancel) -> Done:
     return Done(worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started, resident)
 
 
+def _next_task(inbox, parent: int):
+    """The next task; None to stop. Exits when the daemon that spawned this worker is gone."""
+    while True:
+        try:
+            return inbox.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # orphaned (the daemon was SIGKILLed): never linger on a GPU
+                return None
+
+
 def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, cancel, threads: int | None = None) -> None:
-    """Process entry point (spawned): load, say Ready, serve tasks until a None task arrives."""
+    """Process entry point (spawned): load, say Ready, serve tasks until a None task arrives.
+
+    SIGINT/SIGTERM are ignored: a Ctrl-C or a service manager signals the whole process group, and
+    stopping workers is the daemon's job (it lets the running shot finish within its grace)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
     try:
         import torch
 
@@ -72,7 +90,7 @@ def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, ca
         outbox.put(Failed(worker_id, None, f"worker failed to start: {exc!r}", fatal=True))
         return
     while True:
-        task = inbox.get()
+        task = _next_task(inbox, parent)
         if task is None:
             return
         cancel.clear()

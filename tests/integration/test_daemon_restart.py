@@ -32,7 +32,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(data: Path, port: int) -> subprocess.Popen:
+def start(data: Path, port: int | None = None) -> subprocess.Popen:
+    """A serving daemon on `port` (a free one when None; retried if another process takes it first)."""
+    for _ in range(3):
+        try:
+            return _start(data, port or free_port())
+        except PortTaken:
+            if port is not None:
+                raise
+    raise AssertionError("no free port after 3 tries")
+
+
+class PortTaken(Exception):
+    pass
+
+
+def _start(data: Path, port: int) -> subprocess.Popen:
     log = open(data.parent / f"daemon-{port}-{time.time_ns()}.log", "w")
     proc = subprocess.Popen([CLI, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--device", "cpu",
                              "--grace-seconds", "5"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -40,7 +55,11 @@ def start(data: Path, port: int) -> subprocess.Popen:
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, f"daemon exited {proc.returncode}: {Path(log.name).read_text()[-2000:]}"
+        if proc.poll() is not None:
+            text = Path(log.name).read_text()
+            if "cannot bind" in text:
+                raise PortTaken(text[-500:])
+            raise AssertionError(f"daemon exited {proc.returncode}: {text[-2000:]}")
         try:
             if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                 break
@@ -61,8 +80,7 @@ def kill_group(proc: subprocess.Popen, sig: int) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_story_then_restart_finishes_without_rerendering(tmp_path):
     data = tmp_path / "data"
-    port = free_port()
-    daemon = start(data, port)
+    daemon = start(data)
     story_id = daemon.stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=STORY)).story_id
     deadline = time.monotonic() + 120
     while True:  # kill once two shots are done and the third is running
@@ -75,7 +93,7 @@ def test_sigkill_mid_story_then_restart_finishes_without_rerendering(tmp_path):
     before = {a.name: a.sha256 for a in story.artifacts}
     kill_group(daemon, signal.SIGKILL)
 
-    daemon = start(data, port)
+    daemon = start(data)  # a new port: the data dir is what carries the story over
     try:
         deadline = time.monotonic() + 180
         while (story := daemon.stub.GetStory(pb.GetStoryRequest(story_id=story_id))).state != pb.STORY_STATE_SUCCEEDED:
@@ -95,3 +113,21 @@ def test_sigkill_mid_story_then_restart_finishes_without_rerendering(tmp_path):
     finally:
         kill_group(daemon, signal.SIGTERM)
     assert daemon.returncode == 0  # SIGTERM: graceful stop, exit 0
+
+
+def test_workers_do_not_outlive_a_killed_daemon(tmp_path):
+    """SIGKILL to the daemon alone: its workers notice they are orphaned and exit (a worker left
+    behind would hold its GPU memory). Group signals do not reach into them: they ignore SIGTERM."""
+    psutil = pytest.importorskip("psutil", reason="psutil lists the daemon's worker processes")
+    daemon = start(tmp_path / "data")
+    workers = psutil.Process(daemon.pid).children(recursive=True)
+    renderers = [p for p in workers if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    assert renderers, [p.cmdline() for p in workers]
+    for p in renderers:
+        os.kill(p.pid, signal.SIGTERM)  # ignored: stopping workers is the daemon's job
+    time.sleep(0.5)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in renderers)
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.wait(timeout=10)
+    gone, alive = psutil.wait_procs(renderers, timeout=10)
+    assert not alive, [p.pid for p in alive]
