@@ -167,8 +167,8 @@ def serve(config: DaemonConfig) -> int:
         log.info("signal %d: shutting down", signum)
         threading.Thread(target=lambda: (daemon.shutdown(), done.set()), daemon=True).start()
 
+    daemon.start()  # a signal during start-up keeps its default action: the process just ends
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    daemon.start()
     done.wait()
     return 0
