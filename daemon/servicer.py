@@ -9,6 +9,7 @@ store's log (resumable by seq) and add live per-step progress and heartbeats fro
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import logging
 import re
@@ -67,8 +68,6 @@ def _rpc(handler):
             yield from handler(self, request, context)
         except (RpcError, NotFound, StateError, PermissionDenied) as exc:
             context.abort_with_status(translate(exc).status())
-
-    import inspect
 
     return stream if inspect.isgeneratorfunction(handler) else unary
 
@@ -212,9 +211,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     @_rpc
     def WatchBatch(self, request, context):
+        seq = request.after_seq or self.store.last_event_seq()  # a new watch starts now, not at history's start
         batch = self._batch(request.batch_id)
         stories = self._batch_stories(request.batch_id)
-        seq = request.after_seq
         yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), batch_snapshot=batch)
         version = self.hub.version
         while context.is_active():
@@ -329,9 +328,10 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     def WatchStory(self, request, context):
         record = self._story(request.story_id)
         seq = request.after_seq
-        events = self.store.events_since(record.id, 0, limit=1_000_000) if seq == 0 else []
         if seq == 0:
-            seq = events[-1].seq if events else 0
+            # seq first, then the snapshot: anything after seq is replayed, so nothing falls between
+            seq = self.store.last_event_seq(record.id)
+            record = self.store.get_story(record.id)
             yield pb.StoryEvent(seq=seq, time=convert.timestamp(time.time()), story_id=record.id,
                                 snapshot=pb.Snapshot(story=self._story_message(record)))
         updates = self.hub.subscribe(record.id)

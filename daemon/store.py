@@ -309,6 +309,14 @@ class JobStore:
         with self._read() as tx:
             return tx.shot(shot_id)["cancel_requested_at"] is not None
 
+    def last_event_seq(self, story_id: str | None = None) -> int:
+        """The newest event's seq (of one story, or of all with None); 0 when there is none."""
+        sql, params = "SELECT MAX(seq) AS seq FROM events", ()
+        if story_id is not None:
+            sql, params = sql + " WHERE story_id = ?", (story_id,)
+        with self._read() as tx:
+            return tx.db.execute(sql, params).fetchone()["seq"] or 0
+
     def events_since(self, story_id: str | None, after_seq: int = 0, limit: int = 500) -> list[Event]:
         """Events after `after_seq`, oldest first; story_id None reads every story's (batch watchers)."""
         sql, params = "SELECT * FROM events WHERE seq > ?", [after_seq]

@@ -221,7 +221,7 @@ class StoryRenderer:
         out = Path(out_dir)
         bank = MemoryBank.load(out / "keyframes")
         video.concat_mp4(out / "story.mp4", [out / e["file"] for e in entries], self.preset.render.fps)
-        tiles = [(f"shot {e['index'] + 1} (scene {e['scene']}.{e['shot']})", video.read_mp4(out / e["file"])[e["frames"] // 2]) for e in entries]
+        tiles = [(f"shot {e['index'] + 1} (scene {e['scene']}.{e['shot']})", video.read_frame(out / e["file"], e["frames"] // 2)) for e in entries]
         ids = bank.snapshot()
         tiles += list(zip(ids, bank.images(ids)))
         video.contact_sheet(tiles, out / "contact_sheet.png")

@@ -35,6 +35,7 @@ __all__ = [
     "concat_mp4",
     "contact_sheet",
     "probe_mp4",
+    "read_frame",
     "read_mp4",
     "save_png",
     "sha256_file",
@@ -158,6 +159,14 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: int, *, crf: int = 18) ->
         raise ValueError(f"fps must be positive, got {fps}")
     with atomic_output(path) as tmp:
         _encode(tmp, frames, width, height, fps, crf)
+
+
+def read_frame(path: PathLike, index: int) -> np.ndarray:
+    """Frame `index` of a video (uint8 RGB [H, W, 3]), decoding no further than it."""
+    for n, frame in enumerate(_decode(path)):
+        if n == index:
+            return frame
+    raise IndexError(f"{path}: no frame {index}")
 
 
 def read_mp4(path: PathLike) -> np.ndarray:

@@ -657,3 +657,12 @@ class Lifecycle(RuleBasedStateMachine):
 Lifecycle.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
 test_lifecycle_invariants = Lifecycle.TestCase
+
+
+def test_last_event_seq_per_story_and_overall(store):
+    assert store.last_event_seq() == 0
+    a = submit(store, 1)
+    b = submit(store, 1)
+    assert store.last_event_seq(a) == store.events_since(a)[-1].seq
+    assert store.last_event_seq() == store.events_since(b)[-1].seq > store.last_event_seq(a)
+    assert store.last_event_seq("st_0000000000000000") == 0

@@ -215,3 +215,12 @@ def test_encoding_the_same_frames_gives_the_same_bytes(tmp_path):
     for name in ("a.mp4", "b.mp4"):
         write_mp4(tmp_path / name, clip, fps=16)
     assert sha256_file(tmp_path / "a.mp4") == sha256_file(tmp_path / "b.mp4")
+
+
+def test_read_frame_is_the_same_frame_read_mp4_gives(tmp_path):
+    clip = np.random.default_rng(4).integers(0, 256, (5, 16, 32, 3), dtype=np.uint8)
+    write_mp4(tmp_path / "c.mp4", clip, fps=8)
+    whole = video.read_mp4(tmp_path / "c.mp4")
+    assert np.array_equal(video.read_frame(tmp_path / "c.mp4", 2), whole[2])
+    with pytest.raises(IndexError):
+        video.read_frame(tmp_path / "c.mp4", 5)
