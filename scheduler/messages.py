@@ -22,6 +22,8 @@ class ShotTask:
     references_dir: str  # where the story's reference images are (its file names them relative to it)
     finish_story: bool = False  # the last shot: also assemble story.mp4, contact sheet, manifest
     entries: tuple = ()  # manifest entries of the shots before, for the story assembly
+    edit: dict | None = None  # a re-render: {"prompt": ..., "strength": ...} overriding the story's shot
+    low_memory: bool = False  # retry after an out-of-memory: VAE tiling, offload
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class Done:
     manifest: dict | None = None  # set when the task finished the story
     seconds: float = 0.0
     resident_stories: int = 0  # stories whose memory latents the worker's latent pool holds
+    # Measurements for metrics, all optional: "stages" {stage: seconds} (text_encode, memory_encode,
+    # denoise, vae_decode, keyframes, mp4_encode), "step_seconds" [per denoising step], "frames",
+    # "video_seconds", "pool" {resident_bytes, stories, queries, hits, misses, evictions},
+    # "gpu_memory_bytes", "attention_backend", "recompiles".
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
