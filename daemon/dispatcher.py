@@ -15,6 +15,7 @@ from pathlib import Path
 
 from storyfarm.daemon.artifacts import ArtifactStore
 from storyfarm.daemon.events import EventHub
+from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import ArtifactIn, StateError
 from storyfarm.m2v.video import sha256_file
@@ -33,9 +34,11 @@ def artifact_kind(name: str) -> str:
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self, store: JobStore, pool: WorkerPool, artifacts: ArtifactStore, hub: EventHub, poll_s: float = 0.1):
+    def __init__(self, store: JobStore, pool: WorkerPool, artifacts: ArtifactStore, hub: EventHub, poll_s: float = 0.1,
+                 observers: Observers | None = None):
         super().__init__(name="storyfarm-dispatcher", daemon=True)
         self.store, self.pool, self.artifacts, self.hub = store, pool, artifacts, hub
+        self.observers = observers or Observers()
         self.poll_s = poll_s
         self.draining = False
         self._halt = threading.Event()
@@ -110,6 +113,17 @@ class Dispatcher(threading.Thread):
             ))
         self._finish(msg.attempt_id, "succeeded", artifacts=records, result=msg.entry)
 
+    def _task_for(self, shot, story, attempt_id: str) -> ShotTask:
+        """The ShotTask a worker renders for `shot` (one place builds it: assignment and re-renders)."""
+        return ShotTask(
+            attempt_id=attempt_id, story_id=shot.story_id, shot_id=shot.id, shot_index=shot.index,
+            story_document=self.store.story_document(shot.story_id),
+            story_dir=str(self.artifacts.story_dir(shot.story_id)),
+            references_dir=str(self.artifacts.data_dir / "references" / story.payload_sha256),
+            finish_story=shot.index == len(story.shots) - 1,
+            entries=tuple(s.result for s in story.shots if s.index < shot.index and s.result is not None),
+        )
+
     def _assign(self) -> bool:
         idle = self.pool.idle()
         assigned = False
@@ -120,14 +134,7 @@ class Dispatcher(threading.Thread):
                 attempt_id = self.store.start_attempt(shot.id, worker.id)
             except StateError:  # paused or cancelled since the query
                 continue
-            task = ShotTask(
-                attempt_id=attempt_id, story_id=shot.story_id, shot_id=shot.id, shot_index=shot.index,
-                story_document=self.store.story_document(shot.story_id),
-                story_dir=str(self.artifacts.story_dir(shot.story_id)),
-                references_dir=str(self.artifacts.data_dir / "references" / story.payload_sha256),
-                finish_story=shot.index == len(story.shots) - 1,
-                entries=tuple(s.result for s in story.shots if s.index < shot.index and s.result is not None),
-            )
+            task = self._task_for(shot, story, attempt_id)
             self._tasks[attempt_id] = task
             self.pool.assign(idle.pop(0), task)
             assigned = True
