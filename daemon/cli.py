@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from storyfarm.daemon.cli_client import add_commands as add_client_commands
 from storyfarm.daemon.cli_serve import add_serve_parser
+from storyfarm.daemon.cli_sim import add_simulate_parser
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list packaged model presets")
     add_serve_parser(sub)  # the daemon itself (cli_serve.py)
+    add_simulate_parser(sub)  # the scheduler on a virtual clock (cli_sim.py)
     add_client_commands(sub)  # submit, watch, ls, get, ... against a running daemon (cli_client.py)
     return parser
 
