@@ -1,16 +1,20 @@
 """The dispatcher: the daemon's one thread that moves shots between the store and the workers.
 
-Each turn it (1) hands back to the queue the shots of workers that died (outcome `lost`: no retry
-budget spent), (2) records what workers report (progress to the hub, results and artifacts to the
-store in one transaction each), (3) forwards cancel requests to the worker running that shot, and
-(4) gives runnable shots to idle workers. Placement is first come, first served by priority here;
-the scheduler's policy (affinity, quotas, deadlines) plugs in at `_pick`.
+Each turn it (1) lets the executor supervise its workers and hands back to the queue the shots of
+workers that died, froze or hit a CUDA error (outcome `lost`: no retry budget spent), (2) records
+what workers report (progress to the hub, results and artifacts to the store in one transaction
+each), (3) forwards cancel requests to the worker running that shot, and (4) asks the scheduler's
+policy where the runnable shots go. The store is the truth: the policy's view is rebuilt from it
+every turn, plus what only this thread knows (which worker holds which story's memory, what each
+running shot was estimated to take). An out-of-memory failure is retried once in low-memory mode
+(experts swapped, VAE tiled) and then fails the shot with that reason.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from storyfarm.daemon.artifacts import ArtifactStore
@@ -19,12 +23,17 @@ from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import ArtifactIn, StateError
 from storyfarm.m2v.video import sha256_file
+from storyfarm.scheduler.executor import Executor
 from storyfarm.scheduler.messages import Done, Failed, Progress, ShotTask
-from storyfarm.scheduler.pool import WorkerPool
+from storyfarm.scheduler.policy import CostModel, PolicyConfig, Scheduler, StoryWork
+from storyfarm.scheduler.simulate import project_finish
 
 log = logging.getLogger(__name__)
 
 STORY_LEVEL = {"story.mp4": "story_video", "contact_sheet.png": "contact_sheet", "manifest.json": "manifest"}
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+OOM_PREFIX = "out_of_memory"
+ETA_EVERY_S = 10.0
 
 
 def artifact_kind(name: str) -> str:
@@ -34,15 +43,26 @@ def artifact_kind(name: str) -> str:
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self, store: JobStore, pool: WorkerPool, artifacts: ArtifactStore, hub: EventHub, poll_s: float = 0.1,
-                 observers: Observers | None = None):
+    def __init__(self, store: JobStore, pool: Executor, artifacts: ArtifactStore, hub: EventHub, poll_s: float = 0.1,
+                 observers: Observers | None = None, policy: PolicyConfig | None = None, cost: CostModel | None = None,
+                 xid_watcher=None):
         super().__init__(name="storyfarm-dispatcher", daemon=True)
         self.store, self.pool, self.artifacts, self.hub = store, pool, artifacts, hub
-        self.observers = observers or Observers()
         self.poll_s = poll_s
+        self.observers = observers or Observers()
+        self.policy = policy or PolicyConfig()
+        self.cost = cost or CostModel()
+        self.xid_watcher = xid_watcher
+        self.pool.on_event = self.observers.worker_event
         self.draining = False
         self._halt = threading.Event()
         self._tasks: dict[str, ShotTask] = {}  # in flight, by attempt id
+        self._running: dict[str, dict] = {}  # attempt id -> project, priority, started, estimate, worker
+        self._holders: dict[str, tuple[str, int]] = {}  # story id -> (worker id, generation) holding its memory
+        self._etas: dict[str, float] = {}  # story id -> expected finish (unix time)
+        self._eta_at = 0.0
+        self._swept_at = 0.0
+        self._lock = threading.Lock()  # guards what farm_snapshot reads from other threads
 
     def stop(self) -> None:
         self._halt.set()
@@ -57,9 +77,12 @@ class Dispatcher(threading.Thread):
 
     def turn(self) -> None:
         changed = False
-        for task in self.pool.reap():
-            self._finish(task.attempt_id, "lost", error="worker process died")
+        for task, reason in self.pool.supervise():
+            self._finish(task.attempt_id, "lost", reason, error=f"{reason.replace('_', ' ')}: worker replaced")
             changed = True
+        if self.xid_watcher is not None:
+            for gpu, xid in self.xid_watcher.poll():
+                log.error("GPU %d reported Xid %d", gpu, xid)
         for msg in self.pool.poll(self.poll_s):
             if isinstance(msg, Progress):
                 task = self._tasks.get(msg.attempt_id)
@@ -69,14 +92,19 @@ class Dispatcher(threading.Thread):
                 self._record_done(msg)
                 changed = True
             elif isinstance(msg, Failed) and msg.attempt_id is not None:
-                outcome = "cancelled" if msg.cancelled else ("lost" if msg.fatal else "failed")
-                self._finish(msg.attempt_id, outcome, error=msg.error, retryable=msg.retryable)
+                self._record_failed(msg)
                 changed = True
-        for worker in self.pool.workers.values():
+        for worker in list(self.pool.workers.values()):
             if worker.task is not None and self.store.cancel_requested(worker.task.shot_id):
                 self.pool.cancel(worker.task.attempt_id)
         if not self.draining:
             changed |= self._assign()
+        now = time.time()
+        if now - self._swept_at > 5.0:
+            self._sweep_finished()
+            self._swept_at = now
+        if now - self._eta_at > ETA_EVERY_S:
+            self._project_etas(now)
         if changed:
             self.hub.changed()
 
@@ -89,14 +117,45 @@ class Dispatcher(threading.Thread):
                 self.pool.cancel(task.attempt_id)
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def _finish(self, attempt_id: str, outcome: str, **kw) -> None:
+    def _finish(self, attempt_id: str, outcome: str, reason: str, report: Done | Failed | None = None, **kw) -> None:
         task = self._tasks.pop(attempt_id, None)
+        with self._lock:
+            meta = self._running.pop(attempt_id, None)
         try:
-            self.store.finish_attempt(attempt_id, outcome, **kw)
+            shot = self.store.finish_attempt(attempt_id, outcome, **kw)
         except StateError as exc:  # already recorded (a late duplicate report)
             log.info("ignoring report for attempt %s: %s", attempt_id, exc)
-        if task is not None:
-            self.hub.clear(task.story_id)
+            return
+        if task is None:
+            return
+        self.hub.clear(task.story_id)
+        project = meta["project"] if meta else ""
+        worker_id = meta["worker"] if meta else ""
+        self.observers.attempt_finished(task, worker_id=worker_id, project=project, outcome=outcome, reason=reason,
+                                        report=report)
+        if outcome == "lost":
+            self._holders.pop(task.story_id, None)  # its worker is gone, and its memory with it
+        if shot.state in ("succeeded", "failed", "cancelled"):
+            story = self.store.get_story(task.story_id)
+            if story is not None and story.state in FINAL_STATES:
+                self._story_ended(story)
+
+    def _story_ended(self, story) -> None:
+        self._holders.pop(story.id, None)
+        self._etas.pop(story.id, None)
+        self.pool.release(str(self.artifacts.story_dir(story.id)))
+        reason = "ok" if story.state == "succeeded" else (story.error or story.state).split(":")[0][:60]
+        seconds = (story.finished_at or time.time()) - story.created_at
+        self.observers.story_finished(story.id, project=story.project, state=story.state, reason=reason, seconds=seconds)
+
+    def _sweep_finished(self) -> None:
+        """Stories that ended outside this thread (cancelled while queued) release their memory."""
+        for story_id in list(self._holders):
+            story = self.store.get_story(story_id)
+            if story is None or story.state in FINAL_STATES:
+                self._holders.pop(story_id, None)
+                if story is not None:
+                    self.pool.release(str(self.artifacts.story_dir(story_id)))
 
     def _record_done(self, msg: Done) -> None:
         task = self._tasks.get(msg.attempt_id)
@@ -111,10 +170,33 @@ class Dispatcher(threading.Thread):
                 size=path.stat().st_size, sha256=msg.entry["sha256"] if name == msg.entry["file"] else sha256_file(path),
                 story_level=name in STORY_LEVEL or name.startswith("keyframes/"),
             ))
-        self._finish(msg.attempt_id, "succeeded", artifacts=records, result=msg.entry)
+        worker = self.pool.workers.get(msg.worker_id)
+        if worker is not None:
+            self._holders[task.story_id] = (worker.id, worker.generation)
+        memory_frames = int(msg.stats.get("memory_frames", len(msg.entry.get("memory_keyframes", []))))
+        if msg.seconds > 0:
+            self.cost = self.cost.learned(memory_frames, msg.seconds)
+        self._finish(msg.attempt_id, "succeeded", "ok", msg, artifacts=records, result=msg.entry)
 
+    def _record_failed(self, msg: Failed) -> None:
+        task = self._tasks.get(msg.attempt_id)
+        if msg.cancelled:
+            self._finish(msg.attempt_id, "cancelled", "cancelled", msg, error=msg.error, retryable=False)
+        elif msg.fatal:  # the worker is being replaced: an infrastructure failure
+            self._finish(msg.attempt_id, "lost", msg.reason or "cuda_error", msg, error=msg.error)
+        elif msg.reason == "out_of_memory":
+            final = task is not None and task.low_memory
+            note = "with low-memory settings, failing the shot" if final else "retrying once with low-memory settings"
+            self._finish(msg.attempt_id, "failed", "out_of_memory", msg, retryable=not final,
+                         error=f"{OOM_PREFIX} in {msg.stage or 'unknown stage'} ({note}): {msg.error}")
+        else:
+            self._finish(msg.attempt_id, "failed", msg.reason or "content", msg, error=msg.error, retryable=msg.retryable)
+
+    # -- placement -------------------------------------------------------------------------------
     def _task_for(self, shot, story, attempt_id: str) -> ShotTask:
         """The ShotTask a worker renders for `shot` (one place builds it: assignment and re-renders)."""
+        low_memory = any(a.outcome == "failed" and (a.error or "").startswith(OOM_PREFIX)
+                         for a in self.store.attempts(shot.id))
         return ShotTask(
             attempt_id=attempt_id, story_id=shot.story_id, shot_id=shot.id, shot_index=shot.index,
             story_document=self.store.story_document(shot.story_id),
@@ -122,22 +204,110 @@ class Dispatcher(threading.Thread):
             references_dir=str(self.artifacts.data_dir / "references" / story.payload_sha256),
             finish_story=shot.index == len(story.shots) - 1,
             entries=tuple(s.result for s in story.shots if s.index < shot.index and s.result is not None),
+            low_memory=low_memory,
         )
 
+    def _scheduler(self, work: list[dict], now: float) -> Scheduler:
+        """The policy's view of the farm right now, rebuilt from the store and this thread's state."""
+        sched = Scheduler(self.policy, self.cost)
+        workers = {w.id: w for w in self.pool.workers.values() if w.state in ("idle", "busy")}
+        running_story = {w.task.story_id: w for w in workers.values() if w.task is not None}
+        for row in work:
+            holder = self._holders.get(row["id"])
+            if holder is not None and (holder[0] not in workers or workers[holder[0]].generation != holder[1]):
+                holder = None  # the worker that held it was replaced: the memory is on disk only
+            running = running_story.get(row["id"])
+            next_index = (running.task.shot_index if running is not None
+                          else row["queued_index"] if row["queued_index"] is not None else row["done"] or 0)
+            runnable = row["queued_index"] is not None or running is not None
+            sched.add_story(StoryWork(
+                row["id"], project=row["project"], priority=row["priority"], deadline=row["deadline"],
+                submitted_at=row["created_at"], total_shots=row["total"], next_index=min(next_index, row["total"]),
+                holder=holder[0] if holder else None, started=row["state"] != "queued" or bool(row["done"]),
+                held=row["state"] == "paused" or not runnable,
+            ))
+        with self._lock:
+            meta = {m["worker"]: m for m in self._running.values()}
+        known = set(sched.story_ids())
+        for worker_id in sorted(workers):
+            worker = workers[worker_id]
+            busy = worker.task.story_id if worker.task is not None else None
+            if busy is not None and busy not in known:
+                continue  # finishing a shot of a story that has ended: not available for placement
+            m = meta.get(worker_id)
+            until = now + 1.0 if m is None else max(now, m["started"] + m["estimate"])
+            sched.add_worker(worker_id, busy_with=busy, busy_until=until)
+        return sched
+
     def _assign(self) -> bool:
-        idle = self.pool.idle()
+        if not self.pool.idle():
+            return False
+        now = time.time()
+        work = self.store.unfinished_work()
+        if not any(row["queued_shot_id"] for row in work):
+            return False
+        by_id = {row["id"]: row for row in work}
+        decision = self._scheduler(work, now).schedule(now)
+        for p in decision.preemptions:
+            log.info("story %s waits: worker %s holding its memory went to higher-ranked story %s",
+                     p.story_id, p.worker_id, p.by_story_id)
         assigned = False
-        for shot in self.store.runnable_shots(limit=len(idle)) if idle else ():
-            story = self.store.get_story(shot.story_id)
-            worker = idle[0]
+        for a in decision.assignments:
+            row = by_id[a.story_id]
+            worker = self.pool.workers[a.worker_id]
+            if worker.state != "idle" or row["queued_shot_id"] is None:
+                continue
             try:
-                attempt_id = self.store.start_attempt(shot.id, worker.id)
+                attempt_id = self.store.start_attempt(row["queued_shot_id"], worker.id)
             except StateError:  # paused or cancelled since the query
                 continue
+            story = self.store.get_story(a.story_id)
+            shot = next(s for s in story.shots if s.id == row["queued_shot_id"])
             task = self._task_for(shot, story, attempt_id)
             self._tasks[attempt_id] = task
-            self.pool.assign(idle.pop(0), task)
+            with self._lock:
+                self._running[attempt_id] = {"project": row["project"], "priority": row["priority"], "started": now,
+                                             "estimate": a.estimated_s, "worker": worker.id}
+            self.pool.assign(worker, task)
+            self.observers.attempt_started(task, worker_id=worker.id, project=row["project"], priority=row["priority"],
+                                           queue_wait_s=max(0.0, now - (row["queued_at"] or now)), placement=a.placement)
             assigned = True
-            if not idle:
-                break
         return assigned
+
+    def _project_etas(self, now: float) -> None:
+        """Expected finish of every unfinished story (growth of cost with memory included), played
+        forward by the policy itself; batches report the latest of their stories."""
+        self._eta_at = now
+        work = self.store.unfinished_work()
+        if not work:
+            self._etas = {}
+            return
+        sched = self._scheduler(work, now)
+        for row in work:  # paused stories still count toward their batch, as if resumed now
+            if row["state"] == "paused":
+                sched.hold(row["id"], False)
+        self._etas = project_finish(sched, self.cost, None, self.policy.expert_placement == "pipeline", now)
+
+    # -- views -----------------------------------------------------------------------------------
+    def eta(self, story_id: str) -> float | None:
+        return self._etas.get(story_id)
+
+    def farm_snapshot(self) -> dict:
+        """What the metrics and GetPool read from other threads: workers, quota use, batch ETAs."""
+        with self._lock:
+            running = [dict(m) for m in self._running.values()]
+        used: dict[str, int] = {}
+        for m in running:
+            used[m["project"]] = used.get(m["project"], 0) + 1
+        projects = {}
+        for name in sorted(set(used) | set(self.policy.projects)):
+            quota = self.policy.quota(name)
+            projects[name] = {"running": used.get(name, 0), "guaranteed": quota.guaranteed, "burst": quota.burst}
+        etas = dict(self._etas)
+        batches = []
+        for batch_id, _open, deadline in self.store.open_batches():
+            ids = self.store.batch_story_ids(batch_id)
+            known = [etas[s] for s in ids if s in etas]
+            batches.append({"batch_id": batch_id, "deadline": deadline, "eta": max(known) if known else None})
+        return {"workers": self.pool.snapshot(), "projects": projects, "batches": batches,
+                "cost_base_s": self.cost.base_s}

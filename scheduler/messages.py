@@ -69,3 +69,12 @@ class Failed:
     retryable: bool = True
     fatal: bool = False  # the worker must be replaced (CUDA errors, failed start)
     details: dict = field(default_factory=dict)
+    reason: str = "content"  # content | out_of_memory | cuda_error | cancelled | start_failed
+    stage: str = ""  # the stage it failed in (out-of-memory by stage)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Daemon -> worker: a story ended (finished, failed, cancelled): drop its memory latents."""
+
+    story_dir: str

@@ -1,11 +1,16 @@
-"""The render worker: one spawned process per device group, models loaded once, a shot at a time.
+"""The render worker: one process (or Ray actor) per device group, models loaded once, a shot at a time.
 
 The parent (the daemon) stays CUDA-free; everything that touches torch lives here. A worker loads
-its preset once, says Ready, then renders the ShotTasks it is handed. The story folder is the whole
-state a shot needs (its memory bank on disk, the previous clip), so any worker can render any shot
-and a replaced worker loses nothing. Cancellation is checked at every denoising step through a
-shared Event; progress is sent at every step. A CUDA error marks the worker fatal: it is replaced,
-never reused.
+its preset once, warms up, says Ready, then renders the ShotTasks it is handed. The story folder is
+the whole state a shot needs (its memory bank on disk, the previous clip), so any worker can render
+any shot and a replaced worker loses nothing. Progress goes out at every stage and every denoising
+step, and doubles as the heartbeat: a worker stuck in a CUDA kernel stops sending and the daemon
+kills it. Cancellation is checked at every step. Failures are classified for the daemon: a CUDA
+error is fatal (the process is replaced, never reused), an out-of-memory says in which stage it
+happened (the daemon retries once in low-memory mode), anything else is a content failure.
+
+`WorkerRuntime` is the part both executors share: the `mp` executor runs it in `worker_main`, the
+`ray` executor inside an actor.
 """
 
 from __future__ import annotations
@@ -15,48 +20,157 @@ import queue
 import signal
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
-from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, ShotTask
+from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, Release, ShotTask
 
-FATAL_MARKERS = ("CUDA error", "cudaError", "CUBLAS_STATUS", "device-side assert", "illegal memory access")
-
-
-def _load_story(task: ShotTask, limits):
-    from storyfarm.m2v.story import check_against_model, parse_story
-
-    story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
-    return check_against_model(story, limits)
+FATAL_MARKERS = ("CUDA error", "cudaError", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert",
+                 "illegal memory access", "unspecified launch failure", "NCCL error")
+OOM_MARKERS = ("out of memory", "OutOfMemoryError")
 
 
-def _render(task: ShotTask, renderer, worker_id: str, outbox, cancel) -> Done:
+def classify(exc: BaseException) -> str:
+    """cancelled | out_of_memory | cuda_error | story (bad input: never retried) | content."""
     from storyfarm.m2v.driver import Cancelled
+    from storyfarm.m2v.story_fields import StoryValidationError
 
-    started = time.perf_counter()
-    story = _load_story(task, renderer.preset.model_limits())
-    shot = story.shots[task.shot_index]
-    outbox.put(Progress(worker_id, task.attempt_id, shot.index, "text_encode"))
-
-    def on_step(step, total, timestep, expert):
-        if cancel.is_set():
-            raise Cancelled()
-        outbox.put(Progress(worker_id, task.attempt_id, shot.index, "denoise", step, total))
-
-    entry = renderer.render_shot(story, shot, task.story_dir, on_step=on_step)
-    files = [entry["file"]]
-    manifest = None
-    if task.finish_story:
-        outbox.put(Progress(worker_id, task.attempt_id, shot.index, "mp4_encode"))
-        manifest = renderer.finish(story, task.story_dir, [*task.entries, entry])
-        files += ["story.mp4", "contact_sheet.png", "manifest.json"] + [k["file"] for k in manifest["keyframes"]]
-    if task.finish_story:
-        renderer.engine.pool.release(f"story:{Path(task.story_dir).resolve()}")  # the story ended: free its memory
-    resident = len(renderer.engine.pool.namespaces() - {"shared"})
-    return Done(worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started, resident)
+    if isinstance(exc, Cancelled):
+        return "cancelled"
+    text = f"{type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
+        return "out_of_memory"
+    if any(marker in text for marker in FATAL_MARKERS):
+        return "cuda_error"
+    if isinstance(exc, StoryValidationError):
+        return "story"
+    return "content"
 
 
-def _next_task(inbox, parent: int):
-    """The next task; None to stop. Exits when the daemon that spawned this worker is gone."""
+class WorkerRuntime:
+    """Loads a preset on one device and renders tasks, reporting through `send` (a callable)."""
+
+    def __init__(self, worker_id: str, preset_name: str, device: str, send, *, threads: int | None = None,
+                 expert_placement: str = "both"):
+        self.worker_id, self.preset_name, self.device = worker_id, preset_name, device
+        self.send, self.threads, self.expert_placement = send, threads, expert_placement
+        self.renderer = None
+        self.stage = ""
+
+    def load(self) -> Ready:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        from storyfarm.m2v.driver import RenderSettings, StoryRenderer
+        from storyfarm.m2v.engine import Engine
+        from storyfarm.m2v.placement import set_expert_placement
+        from storyfarm.m2v.preset import load_preset
+
+        t0 = time.perf_counter()
+        engine = Engine(load_preset(self.preset_name), device=self.device)
+        set_expert_placement(engine, self.expert_placement)
+        self.renderer = StoryRenderer(engine, RenderSettings())
+        return Ready(self.worker_id, self.device, engine.preset.name, time.perf_counter() - t0)
+
+    @property
+    def engine(self):
+        return self.renderer.engine
+
+    def release(self, story_dir: str) -> None:
+        self.engine.pool.release(f"story:{Path(story_dir).resolve()}")
+
+    def _progress(self, task: ShotTask, stage: str, step: int = 0, total: int = 0) -> None:
+        self.stage = stage
+        self.send(Progress(self.worker_id, task.attempt_id, task.shot_index, stage, step, total))
+
+    def run(self, task: ShotTask, cancel) -> Done | Failed:
+        """Render one task; never raises (every failure becomes a classified Failed)."""
+        self.stage = "load"
+        try:
+            return self._render(task, cancel)
+        except BaseException as exc:  # noqa: BLE001 - a failed shot must be reported, not lost
+            reason = classify(exc)
+            text = f"{type(exc).__name__}: {exc}"
+            if reason == "cancelled":
+                return Failed(self.worker_id, task.attempt_id, "cancelled", cancelled=True, retryable=False,
+                              reason="cancelled", stage=self.stage)
+            return Failed(self.worker_id, task.attempt_id, text, retryable=reason != "story",
+                          fatal=reason == "cuda_error", reason=reason, stage=self.stage,
+                          details={"traceback": traceback.format_exc(limit=8), "pid": os.getpid()})
+
+    def _render(self, task: ShotTask, cancel) -> Done:
+        from storyfarm.m2v.driver import Cancelled
+        from storyfarm.m2v.placement import low_memory
+        from storyfarm.m2v.story import check_against_model, parse_story
+
+        started = time.perf_counter()
+        renderer, engine = self.renderer, self.engine
+        story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
+        story = check_against_model(story, renderer.preset.model_limits())
+        shot = story.shots[task.shot_index]
+        self._progress(task, "text_encode")
+        steps: list[float] = []
+        last = [time.perf_counter()]
+
+        def on_step(step, total, timestep, expert):
+            if cancel.is_set():
+                raise Cancelled()
+            now = time.perf_counter()
+            steps.append(now - last[0])
+            last[0] = now
+            self._progress(task, "denoise", step, total)
+            if step == total:
+                self.stage = "vae_decode"
+
+        pool_before = engine.pool.stats.as_dict()
+        with low_memory(engine) if task.low_memory else nullcontext():
+            entry = renderer.render_shot(story, shot, task.story_dir, on_step=on_step)
+        files = [entry["file"]]
+        manifest = None
+        if task.finish_story:
+            self._progress(task, "mp4_encode")
+            manifest = renderer.finish(story, task.story_dir, [*task.entries, entry])
+            files += ["story.mp4", "contact_sheet.png", "manifest.json"] + [k["file"] for k in manifest["keyframes"]]
+            self.release(task.story_dir)  # the story ended: free its memory
+        resident = len(engine.pool.namespaces() - {"shared"})
+        return Done(self.worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started,
+                    resident, stats=self._stats(entry, steps, pool_before))
+
+    def _stats(self, entry: dict, steps: list[float], pool_before: dict) -> dict:
+        engine = self.engine
+        pool = engine.pool.stats.as_dict()
+        fps = entry.get("fps") or 0
+        stats = {
+            "stages": dict(entry.get("seconds", {})),
+            "step_seconds": [round(s, 6) for s in steps],
+            "frames": entry.get("frames", 0),
+            "video_seconds": entry.get("frames", 0) / fps if fps else 0.0,
+            "memory_frames": len(entry.get("memory_keyframes", [])),
+            "pool": {
+                "resident_bytes": pool["device_bytes"], "cpu_bytes": pool["cpu_bytes"],
+                "stories": len(engine.pool.namespaces() - {"shared"}),
+                "hits": pool["hits"] - pool_before["hits"], "misses": pool["misses"] - pool_before["misses"],
+                "queries": (pool["hits"] + pool["misses"]) - (pool_before["hits"] + pool_before["misses"]),
+                "evictions": (pool["spills"] + pool["drops"]) - (pool_before["spills"] + pool_before["drops"]),
+            },
+            "expert_swaps": engine.residency.swaps,
+        }
+        backend = getattr(engine, "attention_backend", None)
+        if backend:
+            stats["attention_backend"] = str(backend)
+        recompiles = getattr(engine, "recompiles", None)
+        if recompiles is not None:
+            stats["recompiles"] = int(recompiles() if callable(recompiles) else recompiles)
+        if engine.device.type == "cuda":
+            import torch
+
+            stats["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(engine.device))
+        return stats
+
+
+def _next_message(inbox, parent: int):
+    """The next task or Release; None to stop. Exits when the daemon that spawned it is gone."""
     while True:
         try:
             return inbox.get(timeout=1.0)
@@ -65,44 +179,33 @@ def _next_task(inbox, parent: int):
                 return None
 
 
-def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, cancel, threads: int | None = None) -> None:
-    """Process entry point (spawned): load, say Ready, serve tasks until a None task arrives.
+def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, cancel, threads: int | None = None,
+                expert_placement: str = "both", visible_devices: str | None = None) -> None:
+    """Process entry point (spawned): load, say Ready, serve tasks until a None message arrives.
 
     SIGINT/SIGTERM are ignored: a Ctrl-C or a service manager signals the whole process group, and
     stopping workers is the daemon's job (it lets the running shot finish within its grace)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if visible_devices is not None:  # the GPU group, before anything can initialise CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     parent = os.getppid()
+    runtime = WorkerRuntime(worker_id, preset_name, device, outbox.put, threads=threads,
+                            expert_placement=expert_placement)
     try:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer
-        from storyfarm.m2v.engine import Engine
-        from storyfarm.m2v.preset import load_preset
-
-        t0 = time.perf_counter()
-        engine = Engine(load_preset(preset_name), device=device)
-        renderer = StoryRenderer(engine, RenderSettings())
-        outbox.put(Ready(worker_id, device, engine.preset.name, time.perf_counter() - t0))
+        outbox.put(runtime.load())
     except BaseException as exc:  # noqa: BLE001 - report every start failure to the parent
-        outbox.put(Failed(worker_id, None, f"worker failed to start: {exc!r}", fatal=True))
+        outbox.put(Failed(worker_id, None, f"worker failed to start: {exc!r}", fatal=True, reason="start_failed"))
         return
     while True:
-        task = _next_task(inbox, parent)
-        if task is None:
+        message = _next_message(inbox, parent)
+        if message is None:
             return
+        if isinstance(message, Release):
+            runtime.release(message.story_dir)
+            continue
         cancel.clear()
-        try:
-            outbox.put(_render(task, renderer, worker_id, outbox, cancel))
-        except Cancelled:
-            outbox.put(Failed(worker_id, task.attempt_id, "cancelled", cancelled=True, retryable=False))
-        except BaseException as exc:  # noqa: BLE001 - a failed shot must be reported, not lost
-            text = f"{type(exc).__name__}: {exc}"
-            fatal = any(marker in text for marker in FATAL_MARKERS)
-            retryable = not isinstance(exc, (ValueError, FileNotFoundError)) or fatal
-            outbox.put(Failed(worker_id, task.attempt_id, text, retryable=retryable, fatal=fatal,
-                              details={"traceback": traceback.format_exc(limit=8), "pid": os.getpid()}))
-            if fatal:
-                return
+        result = runtime.run(message, cancel)
+        outbox.put(result)
+        if isinstance(result, Failed) and result.fatal:
+            return
