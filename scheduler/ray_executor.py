@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from storyfarm.scheduler.executor import DeviceGroup, Executor, WorkerHandle
 from storyfarm.scheduler.messages import Release, ShotTask
 
 log = logging.getLogger(__name__)
+PING_EVERY_S = 5.0
 
 
 class RayWorker:
@@ -77,6 +79,7 @@ class _Actor:
     placement_group: object
     pending: object = None  # the ObjectRef of its current load/run call
     dead: bool = False
+    pinged_at: float = 0.0
 
 
 def ray_groups(device: str, workers: int, gpus_per_worker: int) -> list[DeviceGroup]:
@@ -137,7 +140,9 @@ class RayExecutor(Executor):
         runtime = handle.runtime
         if runtime is None or getattr(runtime, "dead", False):
             return False
-        if runtime.pending is None:
+        if runtime.pending is None:  # idle: a cheap ping every few seconds shows a dead actor
+            if time.monotonic() - runtime.pinged_at > PING_EVERY_S:
+                runtime.pending, runtime.pinged_at = runtime.actor.ping.remote(), time.monotonic()
             return True
         ready, _ = ray.wait([runtime.pending], timeout=0)
         if not ready:
@@ -184,8 +189,6 @@ class RayExecutor(Executor):
         return out
 
     def _stop_wait(self, grace: float) -> None:
-        import time
-
         deadline = time.monotonic() + grace
         for w in self.workers.values():
             runtime = w.runtime
