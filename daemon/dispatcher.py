@@ -24,6 +24,7 @@ from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import ArtifactIn, StateError
 from storyfarm.m2v.video import sha256_file
 from storyfarm.scheduler.executor import Executor
+from storyfarm.scheduler.faults import crash_point
 from storyfarm.scheduler.messages import Done, Failed, Progress, ShotTask
 from storyfarm.scheduler.policy import CostModel, PolicyConfig, Scheduler, StoryWork
 from storyfarm.scheduler.simulate import project_finish
@@ -158,6 +159,7 @@ class Dispatcher(threading.Thread):
                     self.pool.release(str(self.artifacts.story_dir(story_id)))
 
     def _record_done(self, msg: Done) -> None:
+        crash_point("after_publish_before_commit")
         task = self._tasks.get(msg.attempt_id)
         if task is None:
             return
@@ -290,7 +292,12 @@ class Dispatcher(threading.Thread):
 
     # -- views -----------------------------------------------------------------------------------
     def eta(self, story_id: str) -> float | None:
-        return self._etas.get(story_id)
+        """Expected finish of an unfinished story (unix time); None until the next projection,
+        which a miss brings forward to the next turn."""
+        eta = self._etas.get(story_id)
+        if eta is None:
+            self._eta_at = 0.0
+        return eta
 
     def farm_snapshot(self) -> dict:
         """What the metrics and GetPool read from other threads: workers, quota use, batch ETAs."""

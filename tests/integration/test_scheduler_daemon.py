@@ -119,3 +119,37 @@ def test_a_worker_killed_mid_shot_reruns_that_shot_elsewhere_with_the_story_inta
     control = submit(stub, text)
     assert wait_final(stub, control).state == pb.STORY_STATE_SUCCEEDED
     assert shas(d, story_id) == shas(d, control)
+
+
+def test_batch_and_story_etas_grow_with_queued_work_and_priority_reorders(farm):
+    d, stub = farm
+    d.dispatcher.draining = True  # hold placement so the queue stands still while we read the ETAs
+    try:
+        batch_id = f"night-{uuid.uuid4().hex[:6]}"
+        deadline = pb.SubmitBatchRequest().deadline_time.__class__()
+        deadline.FromSeconds(int(time.time()) + 3600)
+        stories = [pb.SubmitStoryRequest(request_id=f"{batch_id}-{i}", story_json=story(f"night{i}", shots=2 + 2 * i, seed=i))
+                   for i in range(3)]
+        response = stub.SubmitBatch(pb.SubmitBatchRequest(batch_id=batch_id, stories=stories, deadline_time=deadline))
+        ids = [s.story_id for s in response.stories]
+        deadline_t = time.monotonic() + 30
+        while not all(stub.GetStory(pb.GetStoryRequest(story_id=i)).HasField("eta") for i in ids):
+            assert time.monotonic() < deadline_t, "no ETA within 30 s of submission"
+            time.sleep(0.2)
+        etas = [stub.GetStory(pb.GetStoryRequest(story_id=i)).eta.ToMilliseconds() for i in ids]
+        batch = stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id))
+        assert batch.HasField("eta") and abs(batch.eta.ToMilliseconds() - max(etas)) < 2000  # read a moment later
+        assert etas[0] < etas[1] < etas[2]  # more shots (and more memory per shot) take longer
+        snapshot = d.dispatcher.farm_snapshot()
+        assert [b for b in snapshot["batches"] if b["batch_id"] == batch_id][0]["deadline"] is not None
+        # a priority change reorders the projection: the longest story now goes first
+        stub.SetPriority(pb.SetPriorityRequest(story_id=ids[2], priority=50))
+        d.dispatcher._eta_at = 0.0
+        deadline_t = time.monotonic() + 30
+        while stub.GetStory(pb.GetStoryRequest(story_id=ids[2])).eta.ToMilliseconds() >= etas[2] - 1:
+            assert time.monotonic() < deadline_t, "the ETA did not follow the priority change"
+            time.sleep(0.2)
+    finally:
+        d.dispatcher.draining = False
+    for story_id in ids:
+        assert wait_final(stub, story_id).state == pb.STORY_STATE_SUCCEEDED
