@@ -134,8 +134,8 @@ class Executor:
         handle.started_at = handle.last_seen = self.clock()
         self.workers[handle.id] = handle
         self._launch(handle)
-        log.info("worker %s starting on %s (%s executor, generation %d)", handle.id, handle.group.name,
-                 self.kind, handle.generation)
+        log.info("worker %s starting on %s (%s executor, generation %d, pid %s)", handle.id, handle.group.name,
+                 self.kind, handle.generation, handle.snapshot()["pid"])
         self.on_event(handle.id, device=handle.device, event="started")
 
     @property
