@@ -83,7 +83,10 @@ class Dispatcher(threading.Thread):
             changed = True
         if self.xid_watcher is not None:
             for gpu, xid in self.xid_watcher.poll():
-                log.error("GPU %d reported Xid %d", gpu, xid)
+                log.error("GPU %d reported Xid %d: replacing its worker", gpu, xid)
+                for task, reason in self.pool.gpu_fault(gpu, xid):
+                    self._finish(task.attempt_id, "lost", reason, error=f"GPU {gpu} reported Xid {xid}")
+                changed = True
         for msg in self.pool.poll(self.poll_s):
             if isinstance(msg, Progress):
                 task = self._tasks.get(msg.attempt_id)

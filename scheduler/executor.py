@@ -256,6 +256,19 @@ class Executor:
         else:
             self._spawn(WorkerHandle(worker.id, worker.group, generation=worker.generation + 1, restarts=worker.restarts))
 
+    def gpu_fault(self, gpu_index: int, xid: int) -> list[tuple[ShotTask, str]]:
+        """NVML reported a critical Xid on a GPU: its worker is replaced (a failure of its group,
+        toward out of service); returns the task it held, to re-queue as lost."""
+        lost = []
+        for worker in list(self.workers.values()):
+            if gpu_index in worker.group.gpu_indices and worker.state not in ("dead", "out_of_service"):
+                task = worker.task
+                worker.error = f"GPU {gpu_index} reported Xid {xid}"
+                self._replace(worker, f"xid_{xid}")
+                if task is not None:
+                    lost.append((task, f"xid_{xid}"))
+        return lost
+
     def return_to_service(self, worker_id: str) -> None:
         """An operator cleared a group taken out of service: start its worker again."""
         worker = self.workers[worker_id]

@@ -22,12 +22,12 @@ class Clock:
 class FakeExecutor(Executor):
     kind = "fake"
 
-    def __init__(self, n=2, **kw):
+    def __init__(self, n=2, groups=None, **kw):
         self.inbox: list = []  # messages "sent by workers"
         self.sent: list = []
         self.launched: list = []
         self.killed: list = []
-        super().__init__("tiny", [DeviceGroup(f"g{i}") for i in range(n)], **kw)
+        super().__init__("tiny", groups or [DeviceGroup(f"g{i}") for i in range(n)], **kw)
 
     def _launch(self, handle):
         handle.runtime = SimpleNamespace(alive=True, generation=handle.generation)
@@ -261,3 +261,17 @@ def test_xid_watcher_reports_only_critical_xids():
     assert watcher.available
     assert watcher.poll() == [(1, 79), (0, 48)]
     assert watcher.poll() == []
+
+
+def test_a_critical_xid_replaces_the_worker_on_that_gpu_and_counts_toward_out_of_service():
+    clock = Clock()
+    groups = [DeviceGroup("gpu0-1", "cuda:0", "0,1", (0, 1)), DeviceGroup("gpu2-3", "cuda:0", "2,3", (2, 3))]
+    ex = FakeExecutor(groups=groups, supervision=SupervisionConfig(failure_limit=2), clock=clock)
+    ex.start()
+    ready(ex, "w0", "w1")
+    ex.assign(ex.workers["w1"], task(3))
+    lost = ex.gpu_fault(3, 79)
+    assert [(t.attempt_id, r) for t, r in lost] == [("at3", "xid_79")]
+    assert ex.workers["w1"].generation == 1 and ex.workers["w0"].generation == 0
+    ready(ex, "w1")
+    assert ex.gpu_fault(2, 48) == [] and ex.workers["w1"].state == "out_of_service"
