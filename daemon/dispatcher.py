@@ -62,7 +62,7 @@ class Dispatcher(threading.Thread):
         self._holders: dict[str, tuple[str, int]] = {}  # story id -> (worker id, generation) holding its memory
         self._etas: dict[str, float] = {}  # story id -> expected finish (unix time)
         self._eta_at = 0.0
-        self._swept_at = 0.0
+        self._seq = store.last_event_seq()  # story ends after this are followed (not history)
         self._lock = threading.Lock()  # guards what farm_snapshot reads from other threads
 
     def stop(self) -> None:
@@ -103,10 +103,8 @@ class Dispatcher(threading.Thread):
                 self.pool.cancel(worker.task.attempt_id)
         if not self.draining:
             changed |= self._assign()
+        self._follow_story_ends()
         now = time.time()
-        if now - self._swept_at > 5.0:
-            self._sweep_finished()
-            self._swept_at = now
         if now - self._eta_at > ETA_EVERY_S:
             self._project_etas(now)
         if changed:
@@ -139,10 +137,6 @@ class Dispatcher(threading.Thread):
                                         report=report)
         if outcome == "lost":
             self._holders.pop(task.story_id, None)  # its worker is gone, and its memory with it
-        if shot.state in ("succeeded", "failed", "cancelled"):
-            story = self.store.get_story(task.story_id)
-            if story is not None and story.state in FINAL_STATES:
-                self._story_ended(story)
 
     def _story_ended(self, story) -> None:
         self._holders.pop(story.id, None)
@@ -152,14 +146,20 @@ class Dispatcher(threading.Thread):
         seconds = (story.finished_at or time.time()) - story.created_at
         self.observers.story_finished(story.id, project=story.project, state=story.state, reason=reason, seconds=seconds)
 
-    def _sweep_finished(self) -> None:
-        """Stories that ended outside this thread (cancelled while queued) release their memory."""
-        for story_id in list(self._holders):
-            story = self.store.get_story(story_id)
-            if story is None or story.state in FINAL_STATES:
-                self._holders.pop(story_id, None)
-                if story is not None:
-                    self.pool.release(str(self.artifacts.story_dir(story_id)))
+    def _follow_story_ends(self) -> None:
+        """Every story that reached a final state since the last turn, however it got there (its
+        last shot, a failure, a cancel while queued or paused, a batch cancel): free its memory on
+        the workers and tell the observers, once."""
+        while True:
+            events = self.store.events_since(None, self._seq, limit=500)
+            for event in events:
+                self._seq = event.seq
+                if event.kind == "story_state" and event.payload.get("to") in FINAL_STATES:
+                    story = self.store.get_story(event.story_id)
+                    if story is not None:
+                        self._story_ended(story)
+            if len(events) < 500:
+                return
 
     def _record_done(self, msg: Done) -> None:
         crash_point("after_publish_before_commit")
@@ -207,8 +207,11 @@ class Dispatcher(threading.Thread):
             story_document=self.store.story_document(shot.story_id),
             story_dir=str(self.artifacts.story_dir(shot.story_id)),
             references_dir=str(self.artifacts.data_dir / "references" / story.payload_sha256),
-            finish_story=shot.index == len(story.shots) - 1,
-            entries=tuple(s.result for s in story.shots if s.index < shot.index and s.result is not None),
+            # the last shot left to render assembles the story: the last shot of a first render, a
+            # re-rendered shot (or the end of its cascade) whose other shots have all succeeded
+            finish_story=all(s.state == "succeeded" for s in story.shots if s.index != shot.index),
+            entries=tuple(s.result for s in story.shots if s.index != shot.index and s.result is not None),
+            edit=shot.render_edit(),
             low_memory=low_memory,
         )
 
