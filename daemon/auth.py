@@ -53,6 +53,7 @@ RPC_ROLES: MappingProxyType[str, Role] = MappingProxyType({
     "ResumeStory": "submitter",
     "SetPriority": "submitter",
     "RetryShot": "submitter",
+    "RerenderShot": "submitter",
     "SubmitBatch": "submitter",
     "CancelBatch": "submitter",
     "Drain": "admin",

@@ -1,6 +1,7 @@
 """The `storyfarm` command line.
 
-Here: `render` (a whole story on this machine, no daemon), `validate` (check a story file against
+Here: `render` (a whole story on this machine, no daemon; with `--shot INDEX` a new take of one shot
+of an earlier render, optionally edited, see m2v.driver.rerender), `validate` (check a story file against
 a preset without rendering) and `presets`; the commands that talk to a running daemon (submit,
 watch, ls, get, ...) live in cli_client.py and register themselves into this parser. The CLI only
 parses arguments, calls the layer below and prints; it holds no rendering logic. Exit codes: 0 done,
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     render.add_argument("--threads", type=int, help="CPU threads for torch")
     render.add_argument("--quiet", action="store_true", help="no progress bars")
+    edit = render.add_argument_group("re-render one shot of an earlier render in --out (a new take)")
+    edit.add_argument("--shot", type=int, metavar="INDEX", help="0-based index of the shot to render again")
+    edit.add_argument("--prompt", help="its edited prompt (default: its current one)")
+    edit.add_argument("--strength", type=float, metavar="S",
+                      help="0 < S <= 1: start from the previous take pushed S of the way back to noise (default 1)")
+    edit.add_argument("--shot-seed", type=int, metavar="N", help="a seed for the new take (default: the shot's)")
+    edit.add_argument("--cascade", action="store_true", help="also render every later shot again")
 
     validate = sub.add_parser("validate", help="check a story file without rendering")
     validate.add_argument("story")
@@ -91,7 +99,8 @@ class RichProgress:
         self.bars.reset(self.steps, total=plan.sampler.steps, description=f"shot {shot.index + 1} (scene {shot.scene}.{shot.shot})")
 
     def step(self, step, total, timestep, expert):
-        self.bars.update(self.steps, completed=step, description=f"shot steps [{expert} t={timestep:.0f}]")
+        # total from the sampler: a FIFO shot counts its base steps, then one step per output latent frame
+        self.bars.update(self.steps, completed=step, total=total, description=f"shot steps [{expert} t={timestep:.0f}]")
 
     def shot_done(self, shot, entry):
         self.bars.advance(self.shots)
@@ -142,10 +151,18 @@ def cmd_render(args, console: Console) -> int:
     story, preset = loaded
 
     from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer, check_output
+    from storyfarm.m2v.story_modes import read_edit
 
+    edit = None
     try:
         check_output(args.out)
-    except FileExistsError as exc:
+        if args.shot is None and (args.prompt or args.strength is not None or args.shot_seed is not None or args.cascade):
+            raise ValueError("--prompt, --strength, --shot-seed and --cascade re-render one shot: give --shot INDEX")
+        if args.shot is not None:
+            edit = read_edit({"prompt": args.prompt, "strength": args.strength, "seed": args.shot_seed}, path="")
+            if not 0 <= args.shot < len(story.shots):
+                raise ValueError(f"--shot {args.shot}: the story has shots 0 to {len(story.shots) - 1}")
+    except (FileExistsError, ValueError) as exc:
         return _bad_input(console, exc)
 
     import torch
@@ -163,13 +180,20 @@ def cmd_render(args, console: Console) -> int:
     engine = Engine(preset, device=args.device)
     console.log(f"models ready in {time.perf_counter() - t0:.1f}s")
     renderer = StoryRenderer(engine, settings)
+    def run(progress=None):
+        if args.shot is not None:
+            return renderer.rerender(story, args.out, args.shot, edit, cascade=args.cascade, progress=progress)
+        return renderer.render(story, args.out, progress=progress)
+
     try:
         if args.quiet:
-            manifest = renderer.render(story, args.out)
+            manifest = run()
         else:
             with RichProgress(console) as progress:
-                manifest = renderer.render(story, args.out, progress=progress)
-    except (StoryValidationError, ReferenceImageError, FileExistsError) as exc:
+                if args.shot is not None:
+                    progress.story_start(story, 1 if not args.cascade else len(story.shots) - args.shot)
+                manifest = run(progress)
+    except (StoryValidationError, ReferenceImageError, FileExistsError, FileNotFoundError, ValueError) as exc:
         return _bad_input(console, exc)
     except (KeyboardInterrupt, Cancelled):
         console.print("interrupted: shots finished so far are in the output folder; manifest.json was not written")

@@ -1,6 +1,6 @@
 """The `storyfarm` commands that talk to a running daemon, registered into cli.py's parser.
 
-submit, watch, ls, get, cancel, pause, resume, priority, retry-shot, download, pool and drain each
+submit, watch, ls, get, cancel, pause, resume, priority, retry-shot, rerender, download, pool and drain each
 parse their arguments, make one or two StoryfarmClient calls (client.py) and print. Every one
 takes --server (else STORYFARM_SERVER, else 127.0.0.1:50051) and --token / --token-file (else
 STORYFARM_TOKEN), and --tls-ca / --tls-cert / --tls-key for a TLS daemon.
@@ -423,6 +423,17 @@ def add_commands(sub) -> None:
     p.add_argument("index", type=int, metavar="INDEX", help="0-based shot index")
     p.add_argument("--rerender", action="store_true", help="re-render a succeeded shot (a new take)")
     p.add_argument("--seed", type=int, help="seed for the new attempt")
+    p = add("rerender", _story_control(lambda c, a: c.rerender_shot(
+                a.story_id, a.index, prompt=a.prompt, strength=a.strength, seed=a.seed, cascade=a.cascade,
+                request_id=a.request_id)),
+            "render a shot of a finished story again, optionally edited (a new take)")
+    p.add_argument("index", type=int, metavar="INDEX", help="0-based shot index")
+    p.add_argument("--prompt", help="the edited prompt (default: the shot's current prompt)")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="0 < S <= 1: start from the previous take pushed S of the way back to noise (default 1: from noise)")
+    p.add_argument("--seed", type=int, help="a seed for the new take (default: the shot's seed)")
+    p.add_argument("--cascade", action="store_true", help="also render every later shot again, after this one")
+    p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a new UUID)")
 
     p = add("download", cmd_download, "download a story's artifacts (resumable, sha256-checked)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

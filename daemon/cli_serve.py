@@ -33,7 +33,15 @@ def cmd_serve(args, console) -> int:
     if args.print_config:
         console.print(json.dumps(config.redacted_dict(), indent=2, default=str), markup=False, highlight=False)
         return 0
-    logging.getLogger().setLevel(logging.INFO)
+    from storyfarm.daemon.logs import configure_logging
+    from storyfarm.daemon.metrics_http import scrape_address
+
+    try:
+        scrape_address(config.metrics_listen)
+    except ValueError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        return 2
+    configure_logging(config.log_format, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     from storyfarm.daemon.server import serve
 
     return serve(config)

@@ -10,7 +10,8 @@ Invariants:
   controls (cancel, pause, resume, set_priority, drain, cancel_batch), and submits, because a
   submit carries a request id that is generated once per `submit()` call and reused on every
   retry of it, so a submit that went through before its reply was lost returns the same story
-  (`created` false). `retry_shot` is never retried. Retries happen on UNAVAILABLE,
+  (`created` false). `rerender_shot` is retried the same way (its request id is reused).
+  `retry_shot` is never retried. Retries happen on UNAVAILABLE,
   DEADLINE_EXCEEDED, and RESOURCE_EXHAUSTED when the daemon attached a short RetryInfo; the delay
   grows exponentially, bounded, and is never shorter than the daemon's RetryInfo;
 - a broken watch reconnects with `after_seq` = the seq of the last event it yielded, so no
@@ -45,6 +46,7 @@ from storyfarm.daemon.client_wire import (
     StoryfarmError,
     enum_value,
     parse_deadline,
+    rerender_request,
     submit_request,
     timestamp,
     to_plain,
@@ -238,6 +240,15 @@ class StoryfarmClient:
         """Runs shot `index` again (a FAILED one; a SUCCEEDED one with rerender). Not retried."""
         request = render_pb2.RetryShotRequest(story_id=story_id, shot_index=index, rerender=rerender, seed=seed)
         return to_plain(self._unary("RetryShot", request, retry=False))
+
+    def rerender_shot(self, story_id: str, index: int, *, prompt: str | None = None, strength: float | None = None,
+                      seed: int | None = None, cascade: bool = False, request_id: str | None = None) -> dict[str, Any]:
+        """Renders SUCCEEDED shot `index` of a finished story again as a new take: with an edited
+        prompt, a strength (0 < s <= 1: start from the previous take) and/or a seed; `cascade`
+        renders every later shot again too. Returns the story; retried with the same request id."""
+        request = rerender_request(story_id, index, request_id=request_id or str(uuid.uuid4()), prompt=prompt,
+                                   strength=strength, seed=seed, cascade=cascade)
+        return to_plain(self._unary("RerenderShot", request))
 
     # --- artifacts -----------------------------------------------------------------------------
 

@@ -258,3 +258,11 @@ def submit_request(story, *, request_id: str, project: str | None, priority: int
     if deadline is not None:
         request.deadline_time.CopyFrom(timestamp(deadline))
     return request
+
+
+def rerender_request(story_id: str, index: int, *, request_id: str, prompt: str | None = None,
+                     strength: float | None = None, seed: int | None = None,
+                     cascade: bool = False) -> render_pb2.RerenderShotRequest:
+    """A RerenderShot request; unset edit fields keep the shot's own values."""
+    return render_pb2.RerenderShotRequest(story_id=story_id, shot_index=index, prompt=prompt, strength=strength,
+                                          seed=seed, cascade=cascade, request_id=request_id)

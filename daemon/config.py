@@ -159,6 +159,48 @@ class LimitsConfig(_Strict):
         return width * height * frames * steps <= self.max_work
 
 
+class ProjectQuotaConfig(_Strict):
+    guaranteed: int = Field(0, ge=0)  # workers the project gets first when it has work
+    burst: int | None = Field(None, ge=1)  # most workers at once; null: no cap
+    max_concurrent_stories: int | None = Field(None, ge=1)  # stories in progress at once; null: no cap
+
+
+class CostConfig(_Strict):
+    """The scheduler's first guess of shot cost (it learns base_s from finished shots)."""
+
+    base_s: float = Field(60.0, gt=0)
+    growth_per_memory_frame: float = Field(0.06, ge=0)
+    swap_s: float = Field(4.0, ge=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # null: start a local Ray instance; "auto": this node's cluster; "ray://head:10001"
+    num_cpus: int | None = Field(None, ge=1)  # local instance only
+
+
+class SchedulerConfig(_Strict):
+    executor: Literal["mp", "ray"] = "mp"
+    gpus_per_worker: int = Field(1, ge=1)
+    expert_placement: Literal["both", "swap"] = "both"
+    move_cost_s: float = Field(20.0, ge=0)
+    heartbeat_timeout_s: float = Field(300.0, gt=0)
+    start_timeout_s: float = Field(900.0, gt=0)
+    failure_limit: int = Field(3, ge=1)
+    failure_window_s: float = Field(3600.0, gt=0)
+    projects: dict[str, ProjectQuotaConfig] = {}
+    default_project: ProjectQuotaConfig = ProjectQuotaConfig()
+    cost: CostConfig = CostConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("projects")
+    @classmethod
+    def _project_names(cls, v: dict) -> dict:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(f"project name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        return v
+
+
 class DaemonConfig(_Strict):
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9400"
@@ -173,6 +215,7 @@ class DaemonConfig(_Strict):
     tls: TLSConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     log_format: Literal["text", "json"] = "text"
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     @field_validator("listen", "metrics_listen")
     @classmethod

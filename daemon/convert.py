@@ -52,7 +52,7 @@ def story(r: StoryRecord, live: LiveProgress | None = None, full: bool = True, p
         return msg
     for s in r.shots:
         shot = msg.shots.add(index=s.index, scene=s.scene, shot=s.shot, prompt=s.prompt, state=SHOT_STATES[s.state],
-                             attempts=s.attempts, worker=s.worker or "", error=s.error or "")
+                             attempts=s.attempts, worker=s.worker or "", error=s.error or "", take=s.take)
         if s.result is not None:
             shot.seed = int(s.result.get("seed", 0))
             shot.cut = bool(s.result.get("cut", False))

@@ -24,10 +24,14 @@ from storyfarm.daemon.auth import AuthInterceptor, Authorizer
 from storyfarm.daemon.config import DaemonConfig
 from storyfarm.daemon.dispatcher import Dispatcher
 from storyfarm.daemon.events import EventHub
+from storyfarm.daemon.farm import build_executor, cost_model, policy_config, xid_watcher
+from storyfarm.daemon.logs import LogObserver
+from storyfarm.daemon.metrics import DaemonMetrics
+from storyfarm.daemon.metrics_http import MetricsServer
+from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.servicer import CHUNK_BYTES, RenderServicer
 from storyfarm.daemon.store import JobStore
 from storyfarm.m2v.preset import load_preset
-from storyfarm.scheduler.pool import WorkerPool
 from storyfarm.v1 import render_pb2, render_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,25 +40,6 @@ SERVICE = render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name
 # DownloadArtifact chunk (1 MiB of data plus its fields), or a small request limit would make every
 # artifact larger than it undownloadable.
 RESPONSE_FLOOR_BYTES = CHUNK_BYTES + (64 << 10)
-
-
-def worker_devices(config: DaemonConfig) -> list[str]:
-    """Devices for the workers: CUDA devices when asked for (or found, with `auto`), else CPU."""
-    if config.device == "cuda" or config.device == "auto":
-        try:
-            import pynvml  # nvidia-ml-py: no torch, no CUDA context in the parent
-
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - NVML absent or no driver
-            count = 0
-        if count:
-            return [f"cuda:{i % count}" for i in range(config.workers)]
-        if config.device == "cuda":
-            raise RuntimeError("device: cuda asked for, but NVML finds no GPU")
-        log.warning("no GPU found through NVML: running %d CPU worker(s)", config.workers)
-    return ["cpu"] * config.workers
 
 
 class Daemon:
@@ -66,9 +51,15 @@ class Daemon:
         self.store = JobStore.open(config.data_dir / "storyfarm.db", max_attempts=config.max_attempts)
         self.artifacts = ArtifactStore(config.data_dir)
         self.hub = EventHub()
-        self.pool = WorkerPool(config.preset, worker_devices(config))
-        self.dispatcher = Dispatcher(self.store, self.pool, self.artifacts, self.hub)
-        self.servicer = RenderServicer(config, self.preset, self.store, self.artifacts, self.hub, self.dispatcher)
+        self.pool = build_executor(config)
+        self.metrics = DaemonMetrics(preset=self.preset.name, store=self.store)
+        self.dispatcher = Dispatcher(self.store, self.pool, self.artifacts, self.hub,
+                                     observers=Observers(self.metrics, LogObserver()), policy=policy_config(config),
+                                     cost=cost_model(config), xid_watcher=xid_watcher(config))
+        self.metrics.watch_farm(self.store, self.dispatcher)
+        self.metrics_server = MetricsServer(self.metrics.registry, config.metrics_listen)
+        self.servicer = RenderServicer(config, self.preset, self.store, self.artifacts, self.hub, self.dispatcher,
+                                       metrics=self.metrics)
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
         self.stopped = threading.Event()
@@ -112,6 +103,10 @@ class Daemon:
             raise RuntimeError(f"listen: cannot bind {self.config.listen} (in use, or not an address here): {exc}") from None
         if not self.port:
             raise RuntimeError(f"listen: cannot bind {self.config.listen}")
+        try:
+            self.metrics_server.start()
+        except RuntimeError as exc:  # metrics observe the farm; they never keep it from running
+            log.error("%s; serving without /metrics (Prometheus will report this daemon down)", exc)
         self.pool.start()
         self.dispatcher.start()
         self.server.start()
@@ -143,8 +138,8 @@ class Daemon:
             return
         self.stopped.set()
         self.pool.stopping = True  # from here on a worker that dies is not replaced
+        self.servicer.accepting = False  # first: no submit slips in after health says NOT_SERVING
         self.health.enter_graceful_shutdown()
-        self.servicer.accepting = False
         self.dispatcher.draining = True
         deadline = time.monotonic() + self.config.grace_seconds
         while time.monotonic() < deadline and any(w.task is not None for w in self.pool.workers.values()):
@@ -154,7 +149,13 @@ class Daemon:
         self.pool.stop(grace=2.0)
         if self.server is not None:
             self.server.stop(grace=1.0).wait(5)
-        self.store.close()
+        self.metrics_server.stop()
+        if self.dispatcher.is_alive():  # a turn still running would write to a closed store
+            self.dispatcher.join(timeout=30)
+        if self.dispatcher.is_alive():
+            log.error("dispatcher did not stop within 35 s; leaving the job store to the process exit")
+        else:
+            self.store.close()
         self._lock_file.close()
         log.info("storyfarm stopped")
 

@@ -9,10 +9,13 @@ store's log (resumable by seq) and add live per-step progress and heartbeats fro
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import io
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -25,10 +28,12 @@ from storyfarm.daemon.auth import PermissionDenied, current_principal
 from storyfarm.daemon.config import DaemonConfig
 from storyfarm.daemon.errors import RpcError, invalid, not_found, precondition
 from storyfarm.daemon.events import EventHub
+from storyfarm.daemon.rerender import check_edit, check_strength, rerender
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
 from storyfarm.daemon.submit import check_submit, store_references
 from storyfarm.m2v.preset import Preset
+from storyfarm.scheduler.faults import crash_point
 from storyfarm.v1 import render_pb2 as pb
 from storyfarm.v1 import render_pb2_grpc
 
@@ -39,6 +44,24 @@ PREVIEW_PX = 160
 FINAL = {"succeeded", "failed", "cancelled"}
 DEFAULT_PROJECT = "default"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as auth.tokens[].project
+LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+MAX_LABELS, MAX_LABEL_VALUE, PRIORITY = 64, 63, (-100, 100)
+
+
+def check_labels(labels, prefix: str = "") -> None:
+    """The label rules of SubmitStoryRequest.labels, with the field path of the first label broken."""
+    if len(labels) > MAX_LABELS:
+        raise invalid("too many labels", "INVALID_LABEL", [(f"{prefix}labels", f"{len(labels)} labels; at most {MAX_LABELS}")])
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key) or len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise invalid("bad label", "INVALID_LABEL", [(f'{prefix}labels["{key}"]', "keys: 1-63 lower-case letters, digits, "
+                                                          f"'_', '-', starting with a letter; values: up to {MAX_LABEL_VALUE} printable characters")])
+
+
+def check_priority(priority: int, field: str = "priority") -> None:
+    if not PRIORITY[0] <= priority <= PRIORITY[1]:
+        raise invalid(f"priority {priority} is out of range", "INVALID_STORY", [(field, f"{PRIORITY[0]} to {PRIORITY[1]}")])
 
 
 def _rpc(handler):
@@ -74,9 +97,10 @@ def _rpc(handler):
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     def __init__(self, config: DaemonConfig, preset: Preset, store: JobStore, artifacts: ArtifactStore,
-                 hub: EventHub, dispatcher=None, heartbeat_s: float = 5.0):
+                 hub: EventHub, dispatcher=None, heartbeat_s: float = 5.0, metrics=None):
         self.config, self.preset, self.store, self.artifacts, self.hub = config, preset, store, artifacts, hub
         self.dispatcher = dispatcher
+        self.metrics = metrics  # DaemonMetrics: counts accepted stories (idempotent repeats are not new work)
         self.heartbeat_s = heartbeat_s
         self.accepting = True
 
@@ -98,7 +122,17 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         return record
 
     def _story_message(self, record, full=True) -> pb.Story:
-        return convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
+        msg = convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
+        self._set_eta(msg.eta, [record.id] if record.state not in FINAL else [])
+        return msg
+
+    def _set_eta(self, field, story_ids) -> None:
+        """The scheduler's expected finish (the latest of `story_ids`), as a duration from now."""
+        if self.dispatcher is None or not story_ids:
+            return
+        etas = [self.dispatcher.eta(story_id) for story_id in story_ids]
+        if etas and all(e is not None for e in etas):
+            field.FromMilliseconds(max(0, int((max(etas) - time.time()) * 1000)))
 
     # -- submit --------------------------------------------------------------------------------
     def _check(self, request, project: str, prefix: str = ""):
@@ -107,9 +141,10 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             raise invalid("request_id is required", "INVALID_STORY", [(f"{prefix}request_id", "1 to 128 characters, chosen by the client")])
         if request.preset and request.preset != self.preset.name:
             raise invalid(f"preset {request.preset!r} is not served here", "UNKNOWN_PRESET", [(f"{prefix}preset", f"this daemon serves {self.preset.name}")])
-        for key, value in request.labels.items():
-            if not key or len(key) > 63 or len(value) > 255:
-                raise invalid("bad label", "INVALID_LABEL", [(f"{prefix}labels[{key}]", "keys 1-63 characters, values up to 255")])
+        if not PROJECT.fullmatch(project):
+            raise invalid("bad project name", "INVALID_STORY", [("project", "1-64 letters, digits, '.', '_', '-', starting with a letter or digit")])
+        check_labels(request.labels, prefix)
+        check_priority(request.priority, f"{prefix}priority")
         try:
             return check_submit(request, self.preset, self.config.limits)
         except RpcError as exc:
@@ -120,15 +155,23 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         store_references(checked, Path(self.config.data_dir))
         if deadline is None and request.HasField("deadline_time"):
             deadline = request.deadline_time.ToNanoseconds() / 1e9
+        labels = {**(labels or {}), **request.labels}
+        fingerprint = hashlib.sha256(json.dumps(
+            [checked.payload_sha256, request.priority, sorted(labels.items()), deadline, batch_id, self.preset.name]
+        ).encode()).hexdigest()
         try:
             result = self.store.submit_story(
                 request.request_id, project, checked.payload_sha256, checked.story.name or "story", checked.document,
-                checked.shots, priority=request.priority, labels={**(labels or {}), **request.labels}, deadline=deadline,
-                batch_id=batch_id,
+                checked.shots, priority=request.priority, labels=labels, deadline=deadline,
+                batch_id=batch_id, request_sha256=fingerprint,
             )
         except IdempotencyConflict as exc:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, str(exc), "IDEMPOTENCY_CONFLICT",
-                           fields=[("request_id", f"already used for story {exc.story_id} with another payload")]) from None
+                           fields=[("request_id", f"already used for story {exc.story_id} with another story, "
+                                                  "images, priority, labels, deadline or preset")]) from None
+        crash_point("after_submit_commit")  # reliability suite: committed, not yet acknowledged
+        if result.created and self.metrics is not None:
+            self.metrics.story_submitted(project, len(checked.shots))
         return pb.SubmitStoryResponse(story_id=result.story_id, created=result.created, shot_count=len(checked.shots),
                                       warnings=list(checked.story.warnings))
 
@@ -149,7 +192,10 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     # -- batches -------------------------------------------------------------------------------
     def _batch(self, batch_id: str) -> pb.Batch:
-        summary = self.store.batch_summary(batch_id)
+        try:
+            summary = self.store.batch_summary(batch_id)
+        except NotFound:
+            raise not_found("batch", batch_id, "BATCH_NOT_FOUND") from None
         if summary.total == 0:
             raise not_found("batch", batch_id, "BATCH_NOT_FOUND")
         first = self.store.list_stories(batch_id=batch_id, page_size=1)[0][0]
@@ -160,7 +206,17 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         for state, count in summary.counts.items():
             if count:
                 batch.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
+        if not batch.done:
+            self._set_eta(batch.eta, [r.id for r in self._unfinished_batch_stories(batch_id)])
         return batch
+
+    def _unfinished_batch_stories(self, batch_id: str) -> list:
+        out, token = [], None
+        while True:
+            records, token = self.store.list_stories(batch_id=batch_id, page_size=500, page_token=token)
+            out += [r for r in records if r.state not in FINAL]
+            if not token:
+                return out
 
     @_rpc
     def SubmitBatch(self, request, context):
@@ -169,6 +225,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             raise invalid("bad batch id", "INVALID_BATCH_ID", [("batch_id", "1-100 letters, digits, '.', '_', '-'")])
         if not request.stories:
             raise invalid("empty batch", "INVALID_STORY", [("stories", "at least one story")])
+        check_labels(request.labels)
         project = self._project_for(request.project)
         existing = self.store.list_stories(batch_id=request.batch_id, page_size=1)[0]
         if existing and existing[0].project != project:
@@ -315,13 +372,33 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     @_rpc
     def SetPriority(self, request, context):
+        check_priority(request.priority)
         return self._control(request.story_id, lambda sid: self.store.set_priority(sid, request.priority))
 
     @_rpc
     def RetryShot(self, request, context):
-        if request.rerender or request.HasField("seed"):
-            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "re-rendering a succeeded shot is not available yet", "SHOT_NOT_RETRYABLE")
+        if request.rerender:  # the same path as RerenderShot, with the seed as its only change
+            seed = request.seed if request.HasField("seed") else None
+            return self._rerender(request.story_id, request.shot_index, check_edit(None, None, seed, self.config.limits.max_prompt_chars))
+        if request.HasField("seed"):
+            raise invalid("a seed is for a re-render", "INVALID_EDIT", [("seed", "set rerender to render a succeeded shot with another seed")])
         return self._control(request.story_id, lambda sid: self.store.retry_shot(sid, request.shot_index))
+
+    @_rpc
+    def RerenderShot(self, request, context):
+        edit = check_edit(request.prompt if request.HasField("prompt") else None,
+                          request.strength if request.HasField("strength") else None,
+                          request.seed if request.HasField("seed") else None, self.config.limits.max_prompt_chars)
+        return self._rerender(request.story_id, request.shot_index, edit, cascade=request.cascade,
+                              request_id=request.request_id)
+
+    def _rerender(self, story_id: str, index: int, edit, *, cascade: bool = False, request_id: str = "") -> pb.Story:
+        record = self._story(story_id)
+        check_strength(self.store, record, index, edit, self.preset,
+                       Path(self.config.data_dir) / "references" / record.payload_sha256)
+        record = rerender(self.store, record, index, edit, cascade=cascade, request_id=request_id)
+        self.hub.changed()
+        return self._story_message(record)
 
     # -- watching ------------------------------------------------------------------------------
     @_rpc
@@ -398,11 +475,17 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     @_rpc
     def GetPool(self, request, context):
         response = pb.GetPoolResponse(draining=bool(self.dispatcher and self.dispatcher.draining))
-        states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY, "dead": pb.WORKER_STATE_FAILED}
+        states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY,
+                  "dead": pb.WORKER_STATE_FAILED, "out_of_service": pb.WORKER_STATE_STOPPED}
         if self.dispatcher is not None:
             for w in self.dispatcher.pool.snapshot():
-                worker = response.workers.add(worker_id=w["id"], devices=[w["device"]], state=states[w["state"]], preset=self.preset.name,
-                                              resident_story_count=w["resident_stories"])
+                error = w.get("error", "") if w["state"] in ("dead", "out_of_service") else ""
+                if w["state"] == "out_of_service":
+                    error = f"out of service after repeated failures ({error})"
+                worker = response.workers.add(worker_id=w["id"], devices=w.get("devices", [w["device"]]), state=states[w["state"]],
+                                              preset=self.preset.name, resident_story_count=w["resident_stories"],
+                                              memory_used_bytes=w.get("gpu_memory_bytes", 0), error=error,
+                                              host=socket.gethostname())
                 if w["story_id"]:
                     worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
         for state, count in self.store.count_stories_by_state().items():

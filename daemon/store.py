@@ -7,7 +7,10 @@ exception mid-way leaves nothing half-written and watchers never see a state the
 Invariants (kept by the transitions below, checked by the tests):
 - shots of a story run strictly in index order: a shot is `queued` only when the shot before it has
   succeeded (the first shot starts `queued`), else `waiting`; a story has at most one running shot;
-- a succeeded shot never changes state again and is never handed out again, not even by recovery;
+- a succeeded shot never changes state again and is never handed out again, not even by recovery,
+  except through `rerender_shot` (RerenderShot): a new take of a shot of a finished story, queued
+  again with its edit, the later shots waiting again only with `cascade`; the new take's artifacts
+  replace the old ones under the same names when it succeeds (until then the old ones stay);
 - attempts are rows of their own (who ran it, when, how it ended); the shot keeps only its state,
   its result and its retry budget. `lost` attempts (a dead worker or daemon) never spend the budget;
 - cancel and pause are recorded with their time in the same transaction that applies them; a
@@ -40,6 +43,7 @@ from storyfarm.daemon.store_records import (
     StoryRecord, SubmitResult, check_artifact, check_states, check_submit, decode_token, encode_token,
 )
 from storyfarm.daemon.store_schema import SchemaTooNew
+from storyfarm.scheduler.faults import crash_point
 
 __all__ = [
     "JobStore", "ShotIn", "ArtifactIn", "SubmitResult", "StoryRecord", "ShotRecord", "AttemptRecord",
@@ -59,7 +63,8 @@ def _shot_record(row: sqlite3.Row) -> ShotRecord:
         prompt=row["prompt"], settings=row["settings"], state=row["state"], attempts=row["attempt_count"],
         worker=row["last_worker"], error=row["error"],
         result=None if row["result"] is None else json.loads(row["result"]),
-        cancel_requested=row["cancel_requested_at"] is not None, updated_at=row["updated_at"])
+        cancel_requested=row["cancel_requested_at"] is not None, updated_at=row["updated_at"],
+        take=row["take"], edit=None if row["edit"] is None else json.loads(row["edit"]), strength=row["strength"])
 
 
 def _shot_by_id(db: sqlite3.Connection, shot_id: str) -> ShotRecord | None:
@@ -212,23 +217,29 @@ class JobStore:
     def submit_story(self, request_id: str, project: str, payload_sha256: str, name: str,
                      story_document: str, shots: Sequence[ShotIn], *, priority: int = 0,
                      labels: Mapping[str, str] | None = None, deadline: float | None = None,
-                     batch_id: str | None = None, now: float | None = None) -> SubmitResult:
-        """Persist a story and all its shots, or return the story this (project, request_id) made."""
+                     batch_id: str | None = None, request_sha256: str | None = None,
+                     now: float | None = None) -> SubmitResult:
+        """Persist a story and all its shots, or return the story this (project, request_id) made.
+        The same request id with another payload, or (when both have one) another request
+        fingerprint, is an IdempotencyConflict."""
         labels = dict(labels or {})
         check_submit(request_id, project, payload_sha256, name, shots, labels)
         with self._write(now) as tx:
-            existing = tx.one("SELECT id, payload_sha256 FROM stories WHERE project = ? AND request_id = ?",
+            existing = tx.one("SELECT id, payload_sha256, request_sha256 FROM stories WHERE project = ? AND request_id = ?",
                               (project, request_id))
             if existing is not None:
-                if existing["payload_sha256"] != payload_sha256:
+                other_request = (request_sha256 is not None and existing["request_sha256"] is not None
+                                 and existing["request_sha256"] != request_sha256)
+                if existing["payload_sha256"] != payload_sha256 or other_request:
                     raise IdempotencyConflict(project, request_id, existing["id"])
                 return SubmitResult(existing["id"], created=False)
             story_id = _new_id("st_")
             tx.db.execute(
                 "INSERT INTO stories (id, project, request_id, payload_sha256, name, document, state, priority,"
-                " deadline, batch_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                " deadline, batch_id, created_at, updated_at, request_sha256)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                 (story_id, project, request_id, payload_sha256, name, story_document, int(priority), deadline,
-                 batch_id, tx.now, tx.now))
+                 batch_id, tx.now, tx.now, request_sha256))
             tx.db.executemany("INSERT INTO story_labels (story_id, key, value) VALUES (?, ?, ?)",
                               [(story_id, k, v) for k, v in labels.items()])
             tx.db.executemany(
@@ -304,6 +315,26 @@ class JobStore:
                 " ORDER BY t.priority DESC, t.created_at, t.id, s.idx LIMIT ?", (limit,)).fetchall()
         return [_shot_record(r) for r in rows]
 
+    def unfinished_work(self) -> list[dict]:
+        """Every story not yet final, as the scheduler sees it: rank inputs (project, priority,
+        deadline, batch, created_at), its shot count, how many succeeded, the shot now queued
+        (id, index, when it was queued) and the index of the one running, if any."""
+        with self._read() as tx:
+            rows = tx.db.execute(
+                "SELECT t.id, t.project, t.priority, t.deadline, t.batch_id, t.created_at, t.state,"
+                " COUNT(s.id) AS total, SUM(s.state = 'succeeded') AS done,"
+                " MIN(CASE WHEN s.state = 'queued' THEN s.idx END) AS queued_index,"
+                " MIN(CASE WHEN s.state = 'running' THEN s.idx END) AS running_index"
+                " FROM stories t JOIN shots s ON s.story_id = t.id"
+                " WHERE t.state IN ('queued', 'running', 'paused') GROUP BY t.id ORDER BY t.created_at, t.id").fetchall()
+            work = [dict(r) for r in rows]
+            queued = {r["story_id"]: r for r in tx.db.execute(
+                "SELECT story_id, id, updated_at FROM shots WHERE state = 'queued' ORDER BY idx DESC").fetchall()}  # lowest index wins
+        for w in work:
+            q = queued.get(w["id"])
+            w["queued_shot_id"], w["queued_at"] = (q["id"], q["updated_at"]) if q else (None, None)
+        return work
+
     def cancel_requested(self, shot_id: str) -> bool:
         """Polled by the worker running the shot (once per denoising step): stop when True."""
         with self._read() as tx:
@@ -341,6 +372,41 @@ class JobStore:
         with self._read() as tx:
             rows = tx.db.execute("SELECT state, COUNT(*) AS n FROM shots GROUP BY state").fetchall()
         return {**dict.fromkeys(SHOT_STATES, 0), **{r["state"]: r["n"] for r in rows}}
+
+    def queue_depth(self) -> dict[str, Any]:
+        """Unfinished work, read in one snapshot for the metrics gauges: `shots` and `stories` as
+        (story priority, state, count) rows of stories not yet final, `oldest_queued_at` (when the
+        longest-waiting runnable shot was queued; None when none is) and `running_by_project` (every
+        project with unfinished work or a running shot, zeros included)."""
+        final = _marks(sorted(FINAL))
+        with self._read() as tx:
+            shots = tx.db.execute(
+                "SELECT t.priority, s.state, COUNT(*) AS n FROM shots s JOIN stories t ON t.id = s.story_id"
+                f" WHERE t.state NOT IN ({final}) GROUP BY t.priority, s.state", sorted(FINAL)).fetchall()
+            stories = tx.db.execute(f"SELECT priority, state, COUNT(*) AS n FROM stories WHERE state NOT IN ({final})"
+                                    " GROUP BY priority, state", sorted(FINAL)).fetchall()
+            oldest = tx.db.execute(
+                "SELECT MIN(s.updated_at) AS t FROM shots s JOIN stories t ON t.id = s.story_id"
+                " WHERE s.state = 'queued' AND t.state NOT IN ('paused', 'cancelled')").fetchone()["t"]
+            running = tx.db.execute(
+                "SELECT t.project, SUM(s.state = 'running') AS n FROM shots s JOIN stories t ON t.id = s.story_id"
+                f" WHERE t.state NOT IN ({final}) OR s.state = 'running' GROUP BY t.project", sorted(FINAL)).fetchall()
+        return {"shots": [tuple(r) for r in shots], "stories": [tuple(r) for r in stories], "oldest_queued_at": oldest,
+                "running_by_project": {r["project"]: r["n"] for r in running}}
+
+    def open_batches(self) -> list[tuple[str, int, float | None]]:
+        """(batch id, unfinished stories, deadline) of every batch with a story not yet final."""
+        final = _marks(sorted(FINAL))
+        with self._read() as tx:
+            rows = tx.db.execute(
+                f"SELECT batch_id, SUM(state NOT IN ({final})) AS open, MIN(deadline) AS deadline FROM stories"
+                " WHERE batch_id IS NOT NULL GROUP BY batch_id HAVING open > 0 ORDER BY batch_id", sorted(FINAL)).fetchall()
+        return [(r["batch_id"], r["open"], r["deadline"]) for r in rows]
+
+    def batch_story_ids(self, batch_id: str) -> list[str]:
+        with self._read() as tx:
+            return [r["id"] for r in tx.db.execute("SELECT id FROM stories WHERE batch_id = ? ORDER BY created_at, id",
+                                                   (batch_id,))]
 
     def pragmas(self) -> dict[str, Any]:
         """The connection's durability settings, for the start-up log and the tests."""
@@ -434,6 +500,7 @@ class JobStore:
             for attempt in open_attempts:
                 self._finish(tx, attempt, "lost", "its worker or daemon went away; re-queued at start-up",
                              True, (), None)
+                crash_point("during_recovery")  # reliability suite: the transaction is still open
             return len(open_attempts)
 
     def _finish(self, tx: _Tx, attempt: dict, outcome: str, error: str | None, retryable: bool,
@@ -445,15 +512,20 @@ class JobStore:
         tx.emit(story["id"], "attempt_finished", index=index, attempt_id=attempt["id"], outcome=outcome,
                 error=error)
         if outcome == "succeeded":
-            tx.set_shot(shot, "succeeded", attempt=attempt, error=None, result=None if result is None else json.dumps(result))
-            self._record_artifacts(tx, story["id"], index, attempt["id"], artifacts)
+            tx.set_shot(shot, "succeeded", attempt=attempt, error=None, strength=None,
+                        result=None if result is None else json.dumps(result))
+            self._record_artifacts(tx, story["id"], index, attempt["id"], artifacts, replace=shot["take"] > 1)
             if story["state"] == "cancelled":
                 return  # kept, but the story stays cancelled
             shots = tx.shots(story["id"])
-            if all(s["state"] == "succeeded" for s in shots):
+            pending = [s for s in shots if s["state"] != "succeeded"]
+            if not pending:
                 tx.set_story(story, "succeeded", reason=f"shot {index} was the last")
-            elif index + 1 < len(shots) and shots[index + 1]["state"] == "waiting":
-                tx.set_shot(shots[index + 1], _ready_state(story), reason=f"shot {index} succeeded")
+            elif pending[0]["state"] == "waiting" and pending[0]["idx"] > 0 and shots[pending[0]["idx"] - 1]["state"] == "succeeded":
+                tx.set_shot(pending[0], _ready_state(story), reason=f"shot {index} succeeded")
+            elif pending[0]["state"] == "failed":  # a re-render before a failed shot that was not cascaded
+                tx.set_story(story, "failed", error=f"shot {pending[0]['idx']} failed: {pending[0]['error']}",
+                             reason=f"shot {pending[0]['idx']} is still failed")
         elif story["state"] == "cancelled":
             tx.set_shot(shot, "cancelled", attempt=attempt, error=error, reason="story cancelled")
         elif outcome == "cancelled":
@@ -476,7 +548,15 @@ class JobStore:
                         tx.set_shot(later, "waiting", reason="story failed")
 
     def _record_artifacts(self, tx: _Tx, story_id: str, index: int, attempt_id: str,
-                          artifacts: Sequence[ArtifactIn]) -> None:
+                          artifacts: Sequence[ArtifactIn], *, replace: bool = False) -> None:
+        """`replace` (a re-rendered shot): same-named artifacts are republished, and when the story is
+        assembled again, keyframes no longer in its memory are withdrawn."""
+        if replace:
+            tx.db.executemany("DELETE FROM artifacts WHERE story_id = ? AND name = ?", [(story_id, a.name) for a in artifacts])
+            if any(a.kind == "story_video" for a in artifacts):
+                keep = [a.name for a in artifacts]
+                tx.db.execute(f"DELETE FROM artifacts WHERE story_id = ? AND kind = 'keyframe' AND name NOT IN ({_marks(keep)})",
+                              (story_id, *keep))
         for a in artifacts:
             try:
                 tx.db.execute(
@@ -550,6 +630,47 @@ class JobStore:
             tx.set_story(story, "running", error=None, reason=f"shot {index} retried")
             tx.set_shot(shot, "queued", failures=0, error=None, reason="retry requested")
         return self._control(story_id, "retry", ("failed",), now, retry)
+
+    def rerender_shot(self, story_id: str, index: int, *, prompt: str | None = None, strength: float | None = None,
+                      seed: int | None = None, cascade: bool = False, request_id: str | None = None,
+                      now: float | None = None) -> StoryRecord:
+        """Queue a new take of a succeeded shot of a finished story (RerenderShot). The edit (prompt,
+        seed) stays with the shot for every later take; `strength` applies to this take only. With
+        `cascade` the later shots wait to be rendered again after it. Idempotent by `request_id`:
+        a repeat returns the story as it is; the same id with another request is refused."""
+        request = {"shot_index": index, "prompt": prompt, "strength": strength, "seed": seed, "cascade": bool(cascade)}
+        with self._write(now) as tx:
+            story = tx.story(story_id)
+            if request_id:
+                prior = tx.one("SELECT * FROM rerenders WHERE story_id = ? AND request_id = ?", (story_id, request_id))
+                if prior is not None:
+                    if {k: prior[k] for k in request} != {**request, "cascade": int(cascade)}:
+                        raise IdempotencyConflict(story["project"], request_id, story_id)
+                    return self._record(tx, story_id)
+            _require(story, "a re-render", ("succeeded", "failed"))
+            shots = tx.shots(story_id)
+            if not 0 <= index < len(shots):
+                raise NotFound(f"story {story_id} has no shot {index} (it has {len(shots)})")
+            shot = shots[index]
+            if shot["state"] != "succeeded":
+                raise StateError(f"shot {index} of story {story_id} is {shot['state']}; a re-render is allowed when it is succeeded")
+            edit = json.loads(shot["edit"]) if shot["edit"] else {}
+            edit.update({k: v for k, v in (("prompt", prompt), ("seed", seed)) if v is not None})
+            take = shot["take"] + 1
+            tx.db.execute("INSERT INTO rerenders (story_id, request_id, shot_index, take, prompt, strength, seed, cascade,"
+                          " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (story_id, request_id or None, index, take, prompt, strength, seed, int(cascade), tx.now))
+            tx.emit(story_id, "rerender_requested", index=index, take=take, prompt=prompt, strength=strength, seed=seed,
+                    cascade=bool(cascade), request_id=request_id or None)
+            tx.set_story(story, "running", error=None, reason=f"shot {index} re-rendered")
+            tx.set_shot(shot, "queued", failures=0, error=None, take=take, strength=strength,
+                        edit=json.dumps(edit, sort_keys=True) if edit else None, prompt=edit.get("prompt", shot["prompt"]),
+                        reason=f"re-render requested (take {take})")
+            if cascade:
+                for later in shots[index + 1:]:
+                    tx.set_shot(later, "waiting", failures=0, error=None, take=later["take"] + 1, strength=None,
+                                reason=f"re-render of shot {index} cascades")
+            return self._record(tx, story_id)
 
     def cancel_batch(self, batch_id: str, *, now: float | None = None) -> BatchSummary:
         """Cancel every story of the batch that has not finished, in one transaction."""

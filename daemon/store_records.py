@@ -84,6 +84,14 @@ class ShotRecord:
     result: dict | None     # the render manifest entry, once succeeded
     cancel_requested: bool
     updated_at: float
+    take: int = 1           # 1 for the first render, one more per RerenderShot
+    edit: dict | None = None  # what re-renders changed ({"prompt", "seed"}), applied to every later take
+    strength: float | None = None  # the pending take starts from the previous one (cleared once it succeeds)
+
+    def render_edit(self) -> dict | None:
+        """The edit a worker renders this shot with ({"prompt", "seed", "strength"}), or None."""
+        edit = {**(self.edit or {}), **({"strength": self.strength} if self.strength is not None else {})}
+        return edit or None
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,42 @@ def _v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+# Version 2: shot re-renders (RerenderShot). A shot keeps the edit its re-renders made (prompt and
+# seed, applied to every later take), the strength its pending take starts with (cleared once the
+# take succeeds) and its take number; every request is kept, idempotent by (story, request id).
+_V2 = (
+    "ALTER TABLE shots ADD COLUMN edit TEXT",
+    "ALTER TABLE shots ADD COLUMN strength REAL",
+    "ALTER TABLE shots ADD COLUMN take INTEGER NOT NULL DEFAULT 1",
+    """CREATE TABLE rerenders (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        story_id TEXT NOT NULL REFERENCES stories (id),
+        request_id TEXT,
+        shot_index INTEGER NOT NULL,
+        take INTEGER NOT NULL,
+        prompt TEXT,
+        strength REAL,
+        seed INTEGER,
+        cascade INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (story_id, request_id))""",
+)
+
+
+def _v2(db: sqlite3.Connection) -> None:
+    for statement in _V2:
+        db.execute(statement)
+
+
+def _v3(db: sqlite3.Connection) -> None:
+    """Version 3: the fingerprint of the whole submit request (payload plus priority, labels,
+    deadline, batch and preset), so a reused request id with other settings is a conflict too.
+    Stories written before have none and are compared by payload alone."""
+    db.execute("ALTER TABLE stories ADD COLUMN request_sha256 TEXT")
+
+
 # Migration n (1-based) brings a file from version n-1 to n. Append only.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 
 
 def connect(path: str, *, busy_timeout_s: float) -> sqlite3.Connection:

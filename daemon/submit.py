@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import yaml
 
 from storyfarm.daemon.config import LimitsConfig
 from storyfarm.daemon.errors import RpcError, invalid
@@ -73,7 +75,8 @@ def _spec_document(spec: pb.StorySpec) -> str:
         if s.HasField("cut"):
             shot["cut"] = s.cut
         if s.transition:
-            shot["transition"] = {pb.TRANSITION_FIRST_FRAME: "first_frame", pb.TRANSITION_MOTION_FRAMES: "motion_frames"}[s.transition]
+            names = {pb.TRANSITION_FIRST_FRAME: "first_frame", pb.TRANSITION_MOTION_FRAMES: "motion_frames"}
+            shot["transition"] = names.get(s.transition, s.transition)  # an unknown number: the parser names the field
         if s.HasField("seed"):
             shot["seed"] = s.seed
         if s.references:
@@ -100,13 +103,29 @@ def _references(request: pb.SubmitStoryRequest, limits: LimitsConfig, folder: Pa
         try:
             load_reference_image(folder / ref.name, field, max_pixels=limits.max_reference_pixels,
                                  max_bytes=limits.max_reference_bytes)
-        except ReferenceImageError as exc:
+        except (ReferenceImageError, SyntaxError) as exc:  # Pillow reports some broken PNG chunks as SyntaxError
             problems.append((f"{field}.data", str(exc).split(": ", 1)[-1]))
             continue
         refs[ref.name] = ref.data
     if problems:
         raise invalid("reference images refused", "INVALID_REFERENCE_IMAGE", problems)
     return refs
+
+
+def _name_storymem_references(document: str, fmt: str, names: list[str]) -> str:
+    """StoryMem's format has no references key: its images, in request order, are its initial memory.
+    The stored document names them (storyfarm's `references` addition), so workers read them alike."""
+    parsed = json.loads(document) if fmt == "json" else yaml.safe_load(document)
+    return json.dumps({**parsed, "references": names}, ensure_ascii=False)
+
+
+def _host_paths(story: Story, folder: str, form: str) -> list[tuple[str, str]]:
+    """Over the API a story names its uploaded images, never a file of the daemon's host: a path
+    (absolute, or climbing out with '..') would be read by the worker and leak through the video."""
+    lists = [("references", story.references)] + [(f"{s.path}.references", s.references) for s in story.shots]
+    return [(f"{form}.{where}[{i}]", "the name of one of reference_images, not a path")
+            for where, paths in lists for i, path in enumerate(paths)
+            if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder)]
 
 
 def check_submit(request: pb.SubmitStoryRequest, preset: Preset, limits: LimitsConfig) -> CheckedSubmit:
@@ -121,10 +140,16 @@ def check_submit(request: pb.SubmitStoryRequest, preset: Preset, limits: LimitsC
         refs = _references(request, limits, Path(tmp))
         fmt = "yaml" if form == "story_yaml" else "json"
         try:
-            story = check_against_model(parse_story(document, source=form, base_dir=tmp, fmt=fmt), preset.model_limits())
+            story = parse_story(document, source=form, base_dir=tmp, fmt=fmt)
+            if story.format == "storymem" and refs and not story.references:
+                document, fmt = _name_storymem_references(document, fmt, list(refs)), "json"
+                story = parse_story(document, source=form, base_dir=tmp, fmt=fmt)
+            story = check_against_model(story, preset.model_limits())
         except StoryValidationError as exc:
             raise invalid(f"story refused ({len(exc.errors)} problem(s))",
                           fields=[(f"{form}.{e.path}" if e.path else form, e.message) for e in exc.errors]) from None
+        if outside := _host_paths(story, tmp, form):
+            raise invalid("story references files outside its reference_images", "INVALID_REFERENCE_IMAGE", outside)
     if len(story.shots) > limits.max_shots:
         raise invalid("too many shots", fields=[(f"{form}.shots", f"{len(story.shots)} shots; at most {limits.max_shots}")])
     render, over = preset.render, []

@@ -59,8 +59,39 @@ def grid_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [..., D] by cos/sin broadcastable to x; real arithmetic."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    return out.type_as(x)
+    """Rotate interleaved pairs of x [..., D] by cos/sin broadcastable to x; real arithmetic.
+
+    cos/sin are in the interleaved layout (each pair's value twice, as `axis_cos_sin` makes them).
+    Written as x*cos + swap(x)*(+-sin): the same products and sums as the pairwise formula
+    (x1*c - x2*s, x1*s + x2*c), so bitwise equal to it, in fewer full-size passes over x.
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) per pair
+    signed_sin = sin.unflatten(-1, (-1, 2)) * _PAIR_SIGN.to(sin.device, sin.dtype)
+    return (x * cos + swapped * signed_sin.flatten(-2)).type_as(x)
+
+
+_PAIR_SIGN = torch.tensor([-1.0, 1.0])
+
+
+def triton_prologue():
+    """The fused RMSNorm+RoPE Triton kernel (kernels.triton_rope.norm_rope_qk), or None without triton."""
+    try:
+        from storyfarm.kernels.triton_rope import norm_rope_qk
+    except Exception:  # noqa: BLE001 - triton missing or unusable: the torch path is used
+        return None
+    return norm_rope_qk
+
+
+def prologue_uses_triton(choice: str, device: torch.device) -> bool:
+    """Whether the attention prologue runs the Triton kernel: `auto` on CUDA in eager mode (under
+    torch.compile inductor fuses the torch ops itself), `triton` always, `torch` never."""
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if device.type != "cuda" or triton_prologue() is None:
+            raise ValueError(f"rope: 'triton' needs a CUDA device and the triton package (device {device}, "
+                             f"triton importable: {triton_prologue() is not None}); allowed: auto, torch, triton")
+        return True
+    if choice != "auto":
+        raise ValueError(f"rope: {choice!r} is not a RoPE kernel; allowed: auto, torch, triton")
+    return device.type == "cuda" and not torch.compiler.is_compiling() and triton_prologue() is not None

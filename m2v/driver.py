@@ -7,14 +7,20 @@ keyframes into the memory bank, and record everything in manifest.json. Fixes ov
 StoryMem pipeline: seeds derive from the shot's index in the whole story (never repeat per scene),
 an empty memory is a valid state, the story video is assembled from an explicit list of this run's
 shot files (never a glob), and models (reward model included) load once per story, not per shot.
+
+Render modes (m2v.shot_modes): a shot longer than the preset's native length is rendered by
+FIFO-Diffusion and streamed to its mp4 (never held whole); a story with `csa` renders with
+Consistent Self-Attention; a re-render may carry an edit (prompt, strength, seed) and sees the memory
+snapshot of its shot, replacing only its own keyframes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -28,10 +34,12 @@ from storyfarm.m2v.keyframes import KeyframeSelector
 from storyfarm.m2v.memory import MemoryBank
 from storyfarm.m2v.references import load_reference_image
 from storyfarm.m2v.sampler import SamplerSettings
+from storyfarm.m2v.shot_modes import csa_for_shot, edit_start, fifo_settings, render_frames
 from storyfarm.m2v.story import ShotSpec, Story, check_against_model
+from storyfarm.m2v.story_modes import ShotEdit, read_edit
 
 MANIFEST_VERSION = 1
-OWNED = ("shots", "keyframes", "story.mp4", "contact_sheet.png", "manifest.json")
+OWNED = ("shots", "keyframes", "csa", "story.mp4", "contact_sheet.png", "manifest.json")
 
 
 class Cancelled(Exception):
@@ -94,12 +102,21 @@ class StoryRenderer:
             max_candidates=k.candidates,
         )
 
-    def _add_references(self, bank: MemoryBank, paths, field: str, for_shot: int | None) -> None:
+    def _add_references(self, bank: MemoryBank, paths, labels, field: str, for_shot: int | None) -> None:
         """Reference images join the memory with their CLIP embeddings, so shot keyframes that
         merely repeat a reference are de-duplicated against it."""
         images = [load_reference_image(p, f"{field}[{i}]") for i, p in enumerate(paths)]
         embeddings = [self.selector.embedder.embed(img[None])[0] for img in images]
-        bank.add_references(images, embeddings=embeddings, for_shot=for_shot)
+        bank.add_references(images, embeddings=embeddings, for_shot=for_shot, labels=list(labels) or None)
+
+    def _join_references(self, bank: MemoryBank, story: Story, shot: ShotSpec) -> None:
+        """The story's references before its first shot, a shot's own just before it: once each
+        (a retried or re-rendered shot finds them already in the memory)."""
+        have = {k.shot_index for k in bank.keyframes if k.source == "reference"}
+        if shot.index == 0 and story.references and None not in have:
+            self._add_references(bank, story.references, story.reference_labels, "references", None)
+        if shot.references and shot.index not in have:
+            self._add_references(bank, shot.references, shot.reference_labels, f"{shot.path}.references", shot.index)
 
     def base_seed(self, story: Story) -> int:
         if self.settings.seed is not None:
@@ -141,55 +158,59 @@ class StoryRenderer:
         previous = out / self.shot_file(story.shots[shot.index - 1])
         if not previous.is_file():
             raise FileNotFoundError(f"{shot.path}: continues shot {shot.index} but {previous} is missing")
-        return transition, video.read_mp4(previous)[-count:]
+        return transition, video.read_last_frames(previous, count)
 
-    def render_shot(self, story: Story, shot: ShotSpec, out_dir: str | os.PathLike, on_step=None, progress: Progress | None = None) -> dict:
+    def render_shot(self, story: Story, shot: ShotSpec, out_dir: str | os.PathLike, on_step=None,
+                    progress: Progress | None = None, edit: ShotEdit | dict | None = None) -> dict:
         """Render one shot into a story folder and return its manifest entry.
 
-        Needs only the folder: the memory bank on disk (rewound to the moment before this shot,
-        so a retried or re-rendered shot sees exactly the memory it saw the first time) and, for a
-        continuation, the previous shot's clip. Safe to call in a fresh process for any shot whose
-        predecessors are published.
+        Needs only the folder: the memory bank on disk (the shot sees its snapshot, the memory as
+        it stood before it, so a retried or re-rendered shot sees exactly the memory it saw the
+        first time) and, for a continuation, the previous shot's clip. Safe to call in a fresh
+        process for any shot whose predecessors are published. `edit` (a re-render) changes the
+        prompt, seed, or starts from the previous take with a strength below 1.
         """
         out = Path(out_dir)
+        edit = read_edit(edit)
+        if edit is not None:
+            shot = replace(shot, prompt=edit.prompt or shot.prompt, seed=shot.seed if edit.seed is None else edit.seed)
         bank = MemoryBank.open(out / "keyframes")
-        bank.rewind(shot.index)
-        if shot.index == 0 and story.references and not any(k.source == "reference" for k in bank.keyframes):
-            self._add_references(bank, story.references, "references", None)
-        if shot.references:
-            self._add_references(bank, shot.references, f"{shot.path}.references", shot.index)
+        self._join_references(bank, story, shot)
         plan = self.plan(story, shot, f"story:{out.resolve()}", self.base_seed(story))
-        mem = self.preset.memory
-        window = bank.window_ids(mem.long_term, mem.max_size)
+        mem, csa_options = self.preset.memory, story.csa
+        use_memory = csa_options is None or csa_options.memory
+        window = bank.window_ids(mem.long_term, mem.max_size, shot_index=shot.index) if use_memory else []
         plan.memory = list(zip(window, bank.images(window)))
         transition, plan.known_frames = self._continuation_frames(story, shot, out)
-        plan.use_t2v = shot.index == 0 and self.preset.render.first_shot == "t2v"
+        plan.use_t2v = (shot.index == 0 and self.preset.render.first_shot == "t2v") or (not use_memory and shot.cut)
+        fifo = fifo_settings(shot, plan, self.engine)
+        if edit is not None and edit.strength is not None:
+            plan.start_step, plan.init_frames = edit_start(edit.strength, plan, out / self.shot_file(shot))
         latent_file = out / "keyframes" / f"latents-{self.preset.name}-{plan.width}x{plan.height}.safetensors"
         persisted = load_file(str(latent_file)) if latent_file.is_file() else {}
         self.engine.import_memory_latents(plan, persisted)
         if progress:
             progress.shot_start(shot, plan)
-        result = self.engine.render_shot(plan, on_step=on_step)
-        fresh = {k: v for k, v in self.engine.export_memory_latents(plan).items() if k not in persisted}
-        if fresh:  # the story's memory keeps its latents too: a restarted worker does not re-encode
-            with atomic_output(latent_file) as tmp:
-                save_file({**persisted, **fresh}, str(tmp))
+        name = self.shot_file(shot)
         # A continuation's leading frames re-create the previous shot's last frame(s) it was
         # conditioned on; as in StoryMem, they are dropped so joins neither repeat nor stutter
         # (and keyframe selection cannot pick a copy of the previous shot).
         repeated = 0 if plan.known_frames is None else len(plan.known_frames)
-        frames = result.frames[repeated:]
-        seconds = dict(result.seconds)
-        name = self.shot_file(shot)
+        with csa_for_shot(self.engine, story, shot, plan, out, fifo) as (csa, step_hook):
+            rendered = render_frames(self.engine, plan, fifo, out / name, repeated,
+                                     self.selector.max_candidates, step_hook(on_step))
+        fresh = {k: v for k, v in self.engine.export_memory_latents(plan).items() if k not in persisted}
+        if fresh:  # the story's memory keeps its latents too: a restarted worker does not re-encode
+            with atomic_output(latent_file) as tmp:
+                save_file({**persisted, **fresh}, str(tmp))
+        seconds = dict(rendered.seconds)
         t0 = time.perf_counter()
-        video.write_mp4(out / name, frames, self.preset.render.fps)
-        seconds["mp4_encode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        picked = self.selector.select(frames, bank.embeddings())
+        picked = self.selector.select(rendered.candidates, bank.embeddings(bank.before(shot.index)))
         # frame indices in the manifest and keyframe ids count frames of the published clip
-        new = bank.add_shot_keyframes(shot.index, [(i, frames[i], emb) for i, emb in picked])
+        new = bank.add_shot_keyframes(
+            shot.index, [(rendered.candidate_index[i], rendered.candidates[i], emb) for i, emb in picked])
         seconds["keyframes"] = time.perf_counter() - t0
-        return {
+        entry = {
             "index": shot.index,
             "scene": shot.scene,
             "shot": shot.shot,
@@ -198,22 +219,30 @@ class StoryRenderer:
             "seed": plan.seed,
             "cut": shot.cut,
             "transition": transition,
-            "model": result.model,
+            "model": rendered.model,
+            "mode": "fifo" if fifo else "m2v",
             "file": name,
             "sha256": video.sha256_file(out / name),
-            "frames": int(frames.shape[0]),
-            "rendered_frames": int(result.frames.shape[0]),
+            "frames": rendered.published,
+            "rendered_frames": rendered.published + repeated,
             "width": plan.width,
             "height": plan.height,
             "fps": self.preset.render.fps,
             "steps": plan.sampler.steps,
             "guidance": list(plan.sampler.guidance),
             "shift": plan.sampler.shift,
-            "memory_keyframes": result.memory_ids,
-            "rope_time_positions": result.time_positions,
+            "memory_keyframes": rendered.memory_ids,
+            "rope_time_positions": rendered.time_positions,
             "new_keyframes": [k.id for k in new],
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
+        if fifo:
+            entry["fifo"] = rendered.stats
+        if csa is not None:
+            entry["csa"] = csa.report()
+        if edit is not None:
+            entry["edit"] = {**edit.as_dict(), "start_step": plan.start_step}
+        return entry
 
     def finish(self, story: Story, out_dir: str | os.PathLike, entries: list[dict], seconds_total: float | None = None) -> dict:
         """Assemble the story video (from the explicit list of shot files), the contact sheet and
@@ -234,7 +263,8 @@ class StoryRenderer:
             "story_sha256": video.sha256_file(out / "story.mp4"),
             "contact_sheet": "contact_sheet.png",
             "keyframes": [
-                {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index, "file": f"keyframes/{Path(k.image_path).name}"}
+                {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index,
+                 "file": f"keyframes/{Path(k.image_path).name}", **({"label": k.label} if k.label else {})}
                 for k in bank.keyframes
             ],
             "shots": entries,
@@ -260,12 +290,7 @@ class StoryRenderer:
         if progress:
             progress.story_start(story, len(story.shots))
 
-        def on_step(step, total, t, expert):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            if progress:
-                progress.step(step, total, t, expert)
-
+        on_step = _step_callback(cancel, progress)
         entries = []
         try:
             for shot in story.shots:
@@ -275,3 +300,54 @@ class StoryRenderer:
         finally:
             self.engine.pool.release(f"story:{out.resolve()}")
         return self.finish(story, out, entries, time.perf_counter() - started)
+
+    def rerender(
+        self,
+        story: Story,
+        out_dir: str | os.PathLike,
+        index: int,
+        edit: ShotEdit | dict | None = None,
+        *,
+        cascade: bool = False,
+        progress: Progress | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> dict:
+        """A new take of shot `index` of an earlier render of `story` in `out_dir` (optionally
+        edited), and of every later shot with `cascade`; then the story is assembled again. Shots not
+        rendered again keep their files byte for byte. A shot keeps its earlier edits (prompt, seed)
+        when a cascade renders it again."""
+        story = check_against_model(story, self.preset.model_limits())
+        out = Path(out_dir)
+        try:
+            previous = json.loads((out / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"--out {out}: no manifest of an earlier render to re-render a shot of ({exc})") from None
+        entries = {e["index"]: e for e in previous.get("shots", [])}
+        if sorted(entries) != list(range(len(story.shots))):
+            raise ValueError(f"--out {out}: its manifest has shots {sorted(entries)}, the story has {len(story.shots)}")
+        if not 0 <= index < len(story.shots):
+            raise ValueError(f"shot index {index}: the story has shots 0 to {len(story.shots) - 1}")
+        edit = read_edit(edit)
+        on_step = _step_callback(cancel, progress)
+        started = time.perf_counter()
+        try:
+            for i in range(index, len(story.shots) if cascade else index + 1):
+                kept = {k: v for k, v in (entries[i].get("edit") or {}).items() if k in ("prompt", "seed")}
+                this = {**kept, **(edit.as_dict() if i == index and edit else {})}
+                shot = story.shots[i]
+                entries[i] = self.render_shot(story, shot, out, on_step=on_step, progress=progress, edit=this or None)
+                if progress:
+                    progress.shot_done(shot, entries[i])
+        finally:
+            self.engine.pool.release(f"story:{out.resolve()}")
+        return self.finish(story, out, [entries[i] for i in sorted(entries)], time.perf_counter() - started)
+
+
+def _step_callback(cancel: Callable[[], bool] | None, progress: Progress | None):
+    def on_step(step, total, t, expert):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        if progress:
+            progress.step(step, total, t, expert)
+
+    return on_step

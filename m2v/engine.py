@@ -16,11 +16,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from storyfarm.kernels import attention
 from storyfarm.m2v.components import Components, load_components
 from storyfarm.m2v.conditioning import build_conditioning
 from storyfarm.m2v.latent_pool import LatentPool
+from storyfarm.m2v.placement import ExpertResidency
 from storyfarm.m2v.preset import Preset
 from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.runtime import apply_runtime, experts_of
 from storyfarm.m2v.sampler import SamplerSettings, StepCallback, denoise
 from storyfarm.m2v.vae import fit_image
 
@@ -42,6 +45,29 @@ class ShotPlan:
     memory: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (keyframe id, uint8 HWC), oldest first
     known_frames: np.ndarray | None = None  # MI2V (1 frame) / MM2V (motion frames), uint8 [k,H,W,3]
     use_t2v: bool = False
+    # An edit with a strength starts from the previous take instead of pure noise: its frames
+    # (uint8 [frames,H,W,3], as rendered) are encoded and noised to step `start_step`'s level.
+    start_step: int = 0
+    init_frames: np.ndarray | None = None
+
+
+@dataclass
+class ShotSetup:
+    """What denoising a shot needs, resolved once: text, experts, conditioning, positions (one-pass
+    and FIFO rendering share it)."""
+
+    text: torch.Tensor
+    negative: torch.Tensor
+    experts: tuple
+    sampler: SamplerSettings
+    conditioning: torch.Tensor | None  # [1, 20, M + F, h, w] on the device; None for T2V experts
+    memory: torch.Tensor | None  # [M, C, h, w] clean memory latents
+    num_memory: int
+    latent_frames: int
+    height: int  # latent grid
+    width: int
+    positions: list[int]
+    use_t2v: bool
 
 
 @dataclass
@@ -83,12 +109,31 @@ class Engine:
         self.m2v_experts = c.m2v_experts
         self.t2v_experts = c.t2v_experts
         self.vae = c.vae
+        self.residency = ExpertResidency(self.device, "both")  # set_expert_placement() switches to swap
         self.text = c.text
+        self.window_replicas: list = []  # (device, m2v experts, t2v experts) per extra GPU for FIFO windows
         self.pool = LatentPool(
             self.device,
             budget_bytes=preset.pool.device_budget_mb << 20,
             cpu_budget_bytes=preset.pool.cpu_budget_mb << 20,
         )
+        self.runtime = apply_runtime(self)  # attention backend, RoPE kernel, FP8, compile, VAE (preset runtime:)
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend(s) that ran in this process, else the one configured to run."""
+        ran = attention.describe()["ran"]
+        return "+".join(ran) if ran else self.runtime.attention_backend
+
+    def recompiles(self) -> int:
+        """Graphs torch.compile has built for this engine's experts so far (0 when not compiled)."""
+        return sum(e.regions.stats.compiles for e in experts_of(self) if e.regions is not None)
+
+    def warm_up(self, memory_counts=None) -> dict:
+        """Compile and warm the forwards a worker will run (m2v.warmup); call once after loading."""
+        from storyfarm.m2v.warmup import warm_up
+
+        return warm_up(self, memory_counts)
 
     @property
     def has_t2v(self) -> bool:
@@ -142,6 +187,48 @@ class Engine:
 
     def render_shot(self, plan: ShotPlan, on_step: StepCallback | None = None) -> ShotRender:
         watch = _Stopwatch()
+        setup = self.prepare(plan, watch)
+        with watch.stage("denoise"):
+            latents = self.denoise(setup, plan, on_step)
+        with watch.stage("vae_decode"):
+            frames = self.vae.decode(latents[0, :, setup.num_memory:])  # memory latents are never decoded
+        return ShotRender(
+            frames=frames,
+            model="t2v" if setup.use_t2v else "m2v",
+            memory_ids=[kid for kid, _ in plan.memory] if not setup.use_t2v else [],
+            time_positions=setup.positions,
+            seconds=watch.seconds,
+        )
+
+    def denoise(self, setup: ShotSetup, plan: ShotPlan, on_step: StepCallback | None = None) -> torch.Tensor:
+        """The shot's latents [1, 16, M + F, h, w] from the plan's seed (and previous take)."""
+        generator = torch.Generator("cpu").manual_seed(plan.seed)
+        noise = torch.randn(1, self.vae.channels, setup.num_memory + setup.latent_frames, setup.height, setup.width,
+                            generator=generator)
+        init = None
+        if plan.start_step:
+            if plan.init_frames is None or len(plan.init_frames) != plan.frames:
+                got = "none" if plan.init_frames is None else len(plan.init_frames)
+                raise ValueError(f"edit strength: the previous take must have the shot's {plan.frames} frames, got {got}")
+            video = self.vae.encode_clip(np.stack([fit_image(f, plan.width, plan.height) for f in plan.init_frames]))
+            init = video[None] if setup.memory is None else torch.cat([setup.memory.permute(1, 0, 2, 3), video], 1)[None]
+        return denoise(
+            setup.experts,
+            noise.to(self.device),
+            setup.text,
+            setup.negative,
+            setup.positions,
+            setup.sampler,
+            conditioning=setup.conditioning,
+            on_step=on_step,
+            on_expert=self.residency.activate,
+            start_step=plan.start_step,
+            init=None if init is None else init.to(self.device),
+        )
+
+    def prepare(self, plan: ShotPlan, watch: _Stopwatch | None = None) -> ShotSetup:
+        """Encode the prompts and the memory, build the conditioning: everything but the noise."""
+        watch = watch or _Stopwatch()
         s = self.vae.spatial_stride
         if plan.width % (2 * s) or plan.height % (2 * s) or (plan.frames - 1) % self.vae.temporal_stride:
             raise ValueError(f"shot size {plan.width}x{plan.height}x{plan.frames} breaks the model's strides")
@@ -153,7 +240,7 @@ class Engine:
         h, w = plan.height // s, plan.width // s
         sampler = plan.sampler
         if use_t2v:
-            experts, conditioning, num_memory = self.t2v_experts, None, 0
+            experts, conditioning, num_memory, memory = self.t2v_experts, None, 0, None
             sampler = replace(sampler, boundary=self.preset.render.t2v_boundary, shift=self.preset.render.t2v_shift)
         else:
             with watch.stage("memory_encode"):
@@ -168,25 +255,9 @@ class Engine:
                 conditioning = build_conditioning(memory, clip, plan.frames, known_count, self.vae.temporal_stride)
             experts = self.m2v_experts
         positions = memory_time_positions(num_memory, latent_frames, self.preset.memory.position_stride)
-        generator = torch.Generator("cpu").manual_seed(plan.seed)
-        noise = torch.randn(1, self.vae.channels, num_memory + latent_frames, h, w, generator=generator)
-        with watch.stage("denoise"):
-            latents = denoise(
-                experts,
-                noise.to(self.device),
-                text,
-                negative,
-                positions,
-                sampler,
-                conditioning=None if conditioning is None else conditioning.to(self.device),
-                on_step=on_step,
-            )
-        with watch.stage("vae_decode"):
-            frames = self.vae.decode(latents[0, :, num_memory:])  # memory latents are never decoded
-        return ShotRender(
-            frames=frames,
-            model="t2v" if use_t2v else "m2v",
-            memory_ids=[kid for kid, _ in plan.memory] if not use_t2v else [],
-            time_positions=positions,
-            seconds=watch.seconds,
+        return ShotSetup(
+            text=text, negative=negative, experts=experts, sampler=sampler,
+            conditioning=None if conditioning is None else conditioning.to(self.device),
+            memory=None if use_t2v else memory, num_memory=num_memory, latent_frames=latent_frames,
+            height=h, width=w, positions=positions, use_t2v=use_t2v,
         )

@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PathLike = str | os.PathLike
+# A test seam, None in production: storyfarm.scheduler.faults sets it inside a worker whose
+# environment asks for a crash mid-write, and it is called with (temporary, final) just before the rename.
+before_replace = None
 
 
 def fsync_dir(folder: Path) -> None:
@@ -47,6 +50,8 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace(tmp, final)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

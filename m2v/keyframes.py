@@ -116,8 +116,10 @@ class TransformersCLIPEmbedder(_BatchedImageEmbedder):
             vision_config = config.vision_config
             vision_config.projection_dim = config.projection_dim
             config = vision_config
+        if not any(Path(local_dir).glob("*.safetensors")):
+            raise ValueError(f"{local_dir}: no .safetensors weights; storyfarm loads safetensors only (never pickles)")
         model, info = CLIPVisionModelWithProjection.from_pretrained(
-            str(local_dir), config=config, local_files_only=True, output_loading_info=True)
+            str(local_dir), config=config, local_files_only=True, output_loading_info=True, use_safetensors=True)
         bad = sorted(info.get("missing_keys", ())) + sorted(map(str, info.get("mismatched_keys", ())))
         if bad:
             raise ValueError(f"{local_dir}: not a CLIP image tower with projection; missing or mis-sized: {bad}")

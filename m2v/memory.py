@@ -6,12 +6,16 @@ persists them, so a story resumes after a crash from the bank on disk; `window` 
 that condition a shot.
 
 Invariants:
-- Order of addition is the story's memory order; ids are stable, readable and never reused for
-  different content while referenced: references `ref00`, `ref01`, ...; shot keyframes
-  `s{shot:03d}f{frame:03d}`. References usually come first but may join mid-story (per-shot
-  references). Keyframes are never reordered or dropped (except a retried shot's own), so the memory
-  a shot saw is fully described by the ids of `window_ids()` taken before it, or by `window()` of
-  the `snapshot()` taken then: what a later re-render of that shot needs.
+- Memory order is story order: the story's references, then per shot its references (they join
+  just before it) and its keyframes (picked just after it). Ids are stable and readable:
+  references `ref00`, `ref01`, ...; shot keyframes `s{shot:03d}f{frame:03d}`.
+- The memory a shot sees is a snapshot: `before(shot)` is every keyframe that stood before that
+  shot (references, its own references, keyframes of earlier shots), computed from the bank
+  without changing it. A retried or re-rendered shot replaces its own keyframes in place, at its
+  position in story order, so later shots keep theirs and re-rendering a shot of an unchanged
+  story with its prompt and seed reproduces it exactly (the same snapshot, the same window).
+- The story's references (characters, places: several per character, labelled) are long-term
+  memory: `window_ids` keeps all of them, never sliding them out for recent keyframes.
 - On disk (`root_dir`): `<id>.png` per keyframe, `embeddings.safetensors` (one tensor per id) and
   `memory.json` (the ordered index). `memory.json` is the commit point and is
   written last when adding, first when removing, each file atomically. So at every instant the ids
@@ -58,6 +62,14 @@ class Keyframe:
     frame_index: int | None
     image_path: str
     embedding: torch.Tensor | None  # (D,) float32; None only for a reference added without one
+    label: str | None = None  # a reference's character or place ("lena"); None for shot keyframes
+
+    @property
+    def order(self) -> int:
+        """Story-order key: story references, then per shot i its references (2i) and keyframes (2i+1)."""
+        if self.shot_index is None:
+            return -1
+        return 2 * self.shot_index + (self.source == "shot")
 
 
 def window(keyframes: Sequence[T], *, long_term: int = 3, max_size: int = 10) -> list[T]:
@@ -123,7 +135,7 @@ class MemoryBank:
                 embedding = tensors[rec["id"]].to(torch.float32)
             bank._keyframes.append(
                 Keyframe(rec["id"], rec["source"], rec["shot_index"], rec["frame_index"],
-                         str(root / rec["image"]), embedding)
+                         str(root / rec["image"]), embedding, rec.get("label"))
             )
         return bank
 
@@ -150,9 +162,18 @@ class MemoryBank:
             raise KeyError(f"unknown keyframe ids: {missing}")
         return [by_id[i] for i in ids]
 
-    def window_ids(self, long_term: int = 3, max_size: int = 10) -> list[str]:
-        """Ids of the memory window the next shot is conditioned on, oldest first."""
-        return window(self.snapshot(), long_term=long_term, max_size=max_size)
+    def before(self, shot_index: int) -> list[str]:
+        """The memory snapshot of shot `shot_index`: ids of every keyframe that stands before it
+        (story references, references that joined for shots up to it, keyframes of earlier shots)."""
+        return [k.id for k in self._keyframes if k.order <= 2 * shot_index]
+
+    def window_ids(self, long_term: int = 3, max_size: int = 10, *, shot_index: int | None = None) -> list[str]:
+        """Ids of the memory window a shot is conditioned on, oldest first: over `before(shot_index)`,
+        or over the whole bank (the next new shot) when it is None. The story's references count
+        as long-term memory however many there are (they are the characters and places)."""
+        ids = self.snapshot() if shot_index is None else self.before(shot_index)
+        pinned = sum(1 for k in self._keyframes if k.source == "reference" and k.shot_index is None)
+        return window(ids, long_term=max(long_term, pinned), max_size=max_size)
 
     def embeddings(self, ids: Sequence[str] | None = None) -> torch.Tensor | None:
         """[K, D] float32 embeddings of the given (default: all) keyframes that have one, or None."""
@@ -165,7 +186,7 @@ class MemoryBank:
         images = []
         for k in self.get(ids):
             with Image.open(k.image_path) as img:
-                images.append(np.asarray(img.convert("RGB")))
+                images.append(np.array(img.convert("RGB")))  # a writable copy (torch.from_numpy warns on views)
         return images
 
     # ---- changing --------------------------------------------------------------------------
@@ -188,10 +209,11 @@ class MemoryBank:
         ids: Sequence[str] | None = None,
         embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
         for_shot: int | None = None,
+        labels: Sequence[str | None] | None = None,
     ) -> list[Keyframe]:
         """Add reference images (MR2V): a story's are its first memory entries (`for_shot` None);
-        a shot's join the memory before that shot renders (`for_shot` = its index, so `rewind`
-        knows when they came).
+        a shot's join the memory just before that shot (`for_shot` = its index, so snapshots and
+        `rewind` know when they came). `labels` name each image's character or place.
 
         Pass `embeddings` (one per image, same embedder as the shot keyframes) so that shot
         keyframes duplicating a reference are de-duplicated against it.
@@ -199,42 +221,43 @@ class MemoryBank:
         if ids is None:
             start = sum(k.source == "reference" for k in self._keyframes)
             ids = [f"ref{start + n:02d}" for n in range(len(images))]
-        if len(ids) != len(images) or (embeddings is not None and len(embeddings) != len(images)):
-            raise ValueError("images, ids and embeddings must have the same length")
+        labels = [None] * len(images) if labels is None else list(labels)
+        if len(ids) != len(images) or len(labels) != len(images) or (
+                embeddings is not None and len(embeddings) != len(images)):
+            raise ValueError("images, ids, labels and embeddings must have the same length")
         embs = [None] * len(images) if embeddings is None else [_as_embedding(e) for e in embeddings]
-        entries = [("reference", for_shot, None, i, img, e) for i, img, e in zip(ids, images, embs)]
-        self._commit_add(self._prepare(entries, self._keyframes))
-        return self._keyframes[-len(entries):] if entries else []
+        entries = [("reference", for_shot, None, i, img, e, label)
+                   for i, img, e, label in zip(ids, images, embs, labels)]
+        prepared = self._prepare(entries, self._keyframes)
+        self._commit_add(prepared, self._keyframes)
+        return [k for k, _ in prepared]
 
     def add_shot_keyframes(
         self, shot_index: int, keyframes: Sequence[tuple[int, np.ndarray, torch.Tensor]]
     ) -> list[Keyframe]:
         """Add the keyframes selected from one rendered shot: (frame_index, image, embedding).
 
-        Re-adding a shot whose keyframes are the newest in the bank (a shot retried after a crash)
-        replaces them; re-adding one that later shots already followed is an error.
+        Adding keyframes for a shot that already has some (a retry after a crash, a re-render)
+        replaces them in place, in story order: later shots keep their keyframes.
         """
         if shot_index < 0:
             raise ValueError(f"shot_index must be >= 0, got {shot_index}")
-        previous = [n for n, k in enumerate(self._keyframes) if k.shot_index == shot_index and k.source == "shot"]
-        if previous and previous != list(range(previous[0], len(self._keyframes))):
-            raise ValueError(f"shot {shot_index} already has keyframes and later keyframes follow them")
-        kept = self._keyframes[: previous[0]] if previous else self._keyframes
+        kept = [k for k in self._keyframes if not (k.shot_index == shot_index and k.source == "shot")]
         entries = [
-            ("shot", shot_index, int(f), shot_keyframe_id(shot_index, int(f)), img, _as_embedding(e))
+            ("shot", shot_index, int(f), shot_keyframe_id(shot_index, int(f)), img, _as_embedding(e), None)
             for f, img, e in keyframes
         ]
         prepared = self._prepare(entries, kept)  # validate before removing anything
-        if previous:
+        if len(kept) != len(self._keyframes):
             self._commit_remove(kept)
-        self._commit_add(prepared)
+        self._commit_add(prepared, kept)
         return [k for k, _ in prepared]
 
     def _prepare(self, entries: list, existing: Sequence[Keyframe]) -> list[tuple[Keyframe, np.ndarray]]:
         taken = {k.id for k in existing}
         dims = {k.embedding.numel() for k in existing if k.embedding is not None}
         prepared = []
-        for source, shot_index, frame_index, kid, image, emb in entries:
+        for source, shot_index, frame_index, kid, image, emb, label in entries:
             if not _ID_PATTERN.fullmatch(kid) or kid in taken:
                 raise ValueError(f"keyframe id {kid!r} is malformed or already in this memory bank")
             if emb is not None:
@@ -247,16 +270,22 @@ class MemoryBank:
                                  f"got {image.dtype} {list(image.shape)}")
             taken.add(kid)
             path = self.root / f"{kid}.png"
-            prepared.append((Keyframe(kid, source, shot_index, frame_index, str(path), emb), image))
+            prepared.append((Keyframe(kid, source, shot_index, frame_index, str(path), emb, label), image))
         return prepared
 
     # Disk protocol (see module docstring): adding writes images, embeddings, then the index;
     # removing writes the index, embeddings, then deletes images. The in-memory list changes only
     # once the index is on disk.
-    def _commit_add(self, prepared: list[tuple[Keyframe, np.ndarray]]) -> None:
+    def _commit_add(self, prepared: list[tuple[Keyframe, np.ndarray]], existing: list[Keyframe]) -> None:
+        """Insert `prepared` into `existing` at its place in story order (after everything of the
+        same or an earlier order key, so additions at the tail keep their order of addition)."""
         for keyframe, image in prepared:
             save_png(keyframe.image_path, image)
-        keyframes = self._keyframes + [k for k, _ in prepared]
+        new = [k for k, _ in prepared]
+        at = len(existing)
+        if new:
+            at = next((n for n, k in enumerate(existing) if k.order > new[0].order), len(existing))
+        keyframes = existing[:at] + new + existing[at:]
         self._write_embeddings(keyframes)
         self._write_index(keyframes)
         self._keyframes = keyframes
@@ -274,7 +303,7 @@ class MemoryBank:
         records = [
             {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index,
              "image": Path(k.image_path).relative_to(self.root).as_posix(),
-             "has_embedding": k.embedding is not None}
+             "has_embedding": k.embedding is not None, **({"label": k.label} if k.label else {})}
             for k in keyframes
         ]
         text = json.dumps({"version": FORMAT_VERSION, "keyframes": records}, indent=1)

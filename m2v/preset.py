@@ -12,11 +12,12 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from storyfarm.kernels.catalog import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SHAPES, ROPE_KERNELS, VAE_TILING, check_attention_choice
 from storyfarm.m2v.story import ModelLimits
 
 WAN_NEGATIVE_PROMPT = (
@@ -49,6 +50,10 @@ class RenderDefaults(_Strict):
     continuation: Literal["first_frame", "motion_frames"] = "first_frame"
     motion_frames: int = Field(5, ge=1)
     first_shot: Literal["t2v", "m2v"] = "t2v"
+    # FIFO-Diffusion for shots longer than `frames` (the native length): the queue holds
+    # partitions x native latent frames, one noise level each; lookahead doubles the model calls.
+    fifo_partitions: int = Field(2, ge=1, le=16)
+    fifo_lookahead: bool = False
 
 
 class MemorySettings(_Strict):
@@ -71,11 +76,41 @@ class LimitSettings(_Strict):
     max_frames: int = Field(321, ge=1)
     max_side: int = Field(1920, ge=16)
     max_steps: int = Field(200, ge=1)
+    max_fifo_frames: int = Field(4801, ge=1)  # FIFO long shots: 5 min at 16 fps
 
 
 class PoolSettings(_Strict):
     device_budget_mb: int = Field(1024, ge=0)
     cpu_budget_mb: int = Field(4096, ge=0)
+
+
+class RuntimeSettings(_Strict):
+    """Kernel and speed choices; the names come from storyfarm.kernels.catalog (torch-free)."""
+
+    allow_approximate: bool = False  # opt-in for approximate attention kernels (sage)
+    attention: str = "auto"  # auto picks the best exact backend for the device
+    rope: Literal[ROPE_KERNELS] = "auto"  # auto: fused Triton RMSNorm+RoPE on CUDA in eager mode
+    compile: Literal[COMPILE_MODES] = "off"
+    compile_backend: Literal[COMPILE_BACKENDS] = "inductor"
+    compile_shapes: Literal[COMPILE_SHAPES] = "static"  # static: one graph per shape bucket
+    max_shape_buckets: int = Field(12, ge=1)  # beyond this many buckets, new shapes run eager
+    cuda_graphs: bool = False
+    warmup_memory: tuple[Annotated[int, Field(ge=0)], ...] = (0,)  # memory counts compiled at warm-up
+    fp8: bool = False  # FP8 weights (torchao, Hopper/Ada CUDA only)
+    vae_tiling: Literal[VAE_TILING] = "auto"  # auto: tiled decode on CUDA
+    vae_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: as loaded
+
+    @field_validator("compile", "vae_tiling", mode="before")
+    @classmethod
+    def _yaml_off(cls, v, info):  # YAML 1.1 reads a bare off/on as a boolean
+        if isinstance(v, bool) and (info.field_name == "vae_tiling" or not v):
+            return ("on" if v else "off")
+        return v
+
+    @field_validator("attention")
+    @classmethod
+    def _attention_ok(cls, v: str, info):
+        return check_attention_choice(v, info.data.get("allow_approximate", False), field=None)
 
 
 class LoraSettings(_Strict):
@@ -121,6 +156,7 @@ class Preset(_Strict):
     keyframes: KeyframeSettings = KeyframeSettings()
     limits: LimitSettings = LimitSettings()
     pool: PoolSettings = PoolSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
     origin: str = "<inline>"
 
     @field_validator("render")
@@ -141,6 +177,9 @@ class Preset(_Strict):
             max_frames=self.limits.max_frames,
             max_side=self.limits.max_side,
             max_steps=self.limits.max_steps,
+            native_frames=self.render.frames,
+            max_fifo_frames=self.limits.max_fifo_frames,
+            memory_slots=self.memory.max_size,
         )
 
 

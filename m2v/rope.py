@@ -66,9 +66,11 @@ class StoryRotaryPosEmbed(WanRotaryPosEmbed):
             cos, sin = grid_cos_sin(
                 torch.tensor(positions), pph, ppw, (self.t_dim, self.h_dim, self.w_dim), self.theta
             )
+            # Fresh tensors (no view of the [F, H, W, D] grid): torch.compile with dynamic shapes
+            # would otherwise guard on coincidences between F, H and W and recompile.
             cached = (
-                cos.to(hidden_states.device).view(1, ppf * pph * ppw, 1, -1),
-                sin.to(hidden_states.device).view(1, ppf * pph * ppw, 1, -1),
+                cos.to(hidden_states.device).reshape(1, ppf * pph * ppw, 1, -1).clone(),
+                sin.to(hidden_states.device).reshape(1, ppf * pph * ppw, 1, -1).clone(),
             )
             self._cache[key] = cached
             while len(self._cache) > self._CACHE_SIZE:

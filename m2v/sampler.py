@@ -6,6 +6,9 @@ is text-only: the conditional and unconditional branches share latents and condi
 story memory is in both) and differ only in the text, so they are batched as one forward of
 batch 2. `on_step` is called once per denoising step and is where progress is reported and
 cancellation raised; nothing else in the loop talks to the outside.
+
+A trajectory may start part-way (`start_step`, an edit's strength): the clean `init` latents are
+noised to that step's sigma, x = (1 - sigma) init + sigma noise, and only the remaining steps run.
 """
 
 from __future__ import annotations
@@ -80,15 +83,29 @@ def denoise(
     settings: SamplerSettings,
     conditioning: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
+    on_expert: Callable[[M2VExpert], None] | None = None,
+    start_step: int = 0,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the whole trajectory from `noise` [1,16,T,h,w]; returns the clean latents (float32)."""
+    """Run the whole trajectory from `noise` [1,16,T,h,w]; returns the clean latents (float32).
+    `on_expert` is called with the expert about to run each step (expert residency swaps there)."""
     high, low = experts
     scheduler = make_scheduler(settings, noise.device)
-    timesteps = scheduler.timesteps
+    if not 0 <= start_step < settings.steps:
+        raise ValueError(f"start_step: expected 0 to {settings.steps - 1}, got {start_step}")
+    if start_step and init is None:
+        raise ValueError("start_step > 0 needs the init latents to start from")
     latents = noise.float()
+    if start_step:  # an edit that starts from a previous render: noise it to this step's level
+        sigma = float(scheduler.sigmas[start_step])
+        latents = (1.0 - sigma) * init.to(latents) + sigma * latents
+        scheduler.set_begin_index(start_step)
+    timesteps = scheduler.timesteps[start_step:]
     text_batch = torch.cat([text, negative_text], dim=0)
     for i, t in enumerate(timesteps):
         expert, scale = (high, settings.guidance[0]) if float(t) >= settings.boundary_timestep else (low, settings.guidance[1])
+        if on_expert is not None:
+            on_expert(expert)
         if scale == 1.0:
             prediction = expert(latents, t.expand(1), text, time_positions, conditioning)
         else:

@@ -30,24 +30,25 @@ from typing import Any, Callable
 import yaml
 
 from storyfarm.m2v.story_checks import (
-    ModelLimits, check_frames, check_resolution, check_steps, frames_of_duration,
+    ModelLimits, check_frames, check_references, check_resolution, check_steps, frames_of_duration,
+    longest_shot, resolve_mode,
 )
 from storyfarm.m2v.story_fields import (
     MAX_NAME_CHARS, FieldError, FieldErrors, StoryValidationError, check_keys, child, describe,
-    read_bool, read_choice, read_guidance, read_int, read_number, read_references,
-    read_resolution, read_text,
+    read_bool, read_choice, read_guidance, read_int, read_number, read_resolution, read_text,
+)
+from storyfarm.m2v.story_modes import (
+    MODES, CsaOptions, FifoOptions, LabelledReferences, read_csa, read_fifo, read_labelled_references,
 )
 
 __all__ = [
-    "FieldError", "StoryValidationError", "ModelLimits", "ShotSpec", "Story",
+    "FieldError", "StoryValidationError", "ModelLimits", "ShotSpec", "Story", "FifoOptions", "CsaOptions",
     "load_story", "parse_story", "check_against_model", "MAX_STORY_BYTES", "MAX_SHOTS",
 ]
 
 MAX_STORY_BYTES = 1 << 20
 MAX_SHOTS = 1000
 MAX_OVERVIEW_CHARS = 10_000
-MODES = ("m2v",)
-MODES_NOT_YET = ("fifo",)
 TRANSITIONS = ("first_frame", "motion_frames")
 # The settings a shot may override; render settings are what ShotSpec.overrides() reports.
 RENDER_SETTINGS = ("negative_prompt", "seed", "frames", "resolution", "steps", "guidance", "shift")
@@ -67,8 +68,10 @@ class ShotSpec:
     seed: int | None = None
     frames: int | None = None        # filled from duration by check_against_model
     duration: float | None = None
-    mode: str = "m2v"
+    mode: str = "auto"  # "auto" (fifo when longer than the preset's native length), "m2v", "fifo"
+    fifo: FifoOptions | None = None
     references: tuple[str, ...] = ()  # absolute paths: memory images added just before this shot
+    reference_labels: tuple[str | None, ...] = ()  # the character or place of each reference, or None
     resolution: tuple[int, int] | None = None  # (width, height)
     steps: int | None = None
     guidance: tuple[float, float] | None = None  # (high_noise, low_noise)
@@ -95,6 +98,8 @@ class Story:
     references: tuple[str, ...]    # absolute paths: the story's initial memory (MR2V)
     shots: tuple[ShotSpec, ...]
     warnings: tuple[str, ...] = ()
+    reference_labels: tuple[str | None, ...] = ()  # the character or place of each reference, or None
+    csa: CsaOptions | None = None  # Consistent Self-Attention for the whole story, when asked for
 
 
 # --- reading text -------------------------------------------------------------------------
@@ -186,7 +191,7 @@ def _read_document(document: Any, source: str, base: str, errors: FieldErrors) -
         return None
     default_name = "" if source.startswith("<") else Path(source).stem
     if storymem_at:
-        return _read_storymem(document, source, default_name, errors)
+        return _read_storymem(document, source, default_name, base, errors)
     return _read_native(document, source, default_name, base, errors)
 
 
@@ -229,12 +234,17 @@ def _first_shot_cut(cut: bool | None, cut_path: str, warnings: list[str]) -> boo
     return cut
 
 
-STORYMEM_STORY_KEYS = ("story_name", "story_overview", "scenes")
+# `references` is storyfarm's addition (the images' names, in memory order): the daemon adds it to a
+# StoryMem story submitted with reference images; StoryMem's own files never have it.
+STORYMEM_STORY_KEYS = ("story_name", "story_overview", "scenes", "references")
 STORYMEM_SCENE_KEYS = ("scene_num", "video_prompts", "first_frame_prompt", "cut")
 
 
-def _read_storymem(document: dict, source: str, default_name: str, errors: FieldErrors) -> Story:
+def _read_storymem(document: dict, source: str, default_name: str, base: str, errors: FieldErrors) -> Story:
     check_keys(document, "", STORYMEM_STORY_KEYS, errors)
+    references = LabelledReferences((), ())
+    if "references" in document:
+        references = read_labelled_references(document["references"], "references", errors, base) or references
     name = _read_story_text(document, "story_name", errors, default_name, limit=MAX_NAME_CHARS,
                             one_line=True)
     overview = _read_story_text(document, "story_overview", errors, "", limit=MAX_OVERVIEW_CHARS,
@@ -272,7 +282,8 @@ def _read_storymem(document: dict, source: str, default_name: str, errors: Field
                                   path=f"{path}.video_prompts[{i}]", prompt=prompt,
                                   first_frame_prompt=first_frame, cut=bool(cut), transition=None))
     return Story(name=name, overview=overview, format="storymem", source=source, seed=None,
-                 references=(), shots=tuple(shots), warnings=tuple(warnings))
+                 references=references.paths, reference_labels=references.labels, shots=tuple(shots),
+                 warnings=tuple(warnings))
 
 
 def _parallel_list(scene: dict, key: str, path: str, length: int, errors: FieldErrors,
@@ -300,14 +311,15 @@ SETTINGS: dict[str, _Reader] = {
     "seed": lambda v, p, e, b: read_int(v, p, e, minimum=0, below=2**63, below_text="2**63"),
     "duration": lambda v, p, e, b: read_number(v, p, e, what="a number of seconds"),
     "frames": lambda v, p, e, b: read_int(v, p, e, minimum=1),
-    "mode": lambda v, p, e, b: read_choice(v, p, e, MODES, MODES_NOT_YET),
-    "references": lambda v, p, e, b: read_references(v, p, e, b),
+    "mode": lambda v, p, e, b: read_choice(v, p, e, MODES),
+    "fifo": lambda v, p, e, b: read_fifo(v, p, e),
+    "references": lambda v, p, e, b: read_labelled_references(v, p, e, b),
     "resolution": lambda v, p, e, b: read_resolution(v, p, e),
     "steps": lambda v, p, e, b: read_int(v, p, e, minimum=1),
     "guidance": lambda v, p, e, b: read_guidance(v, p, e),
     "shift": lambda v, p, e, b: read_number(v, p, e),
 }
-NATIVE_STORY_KEYS = ("name", "overview", "shots", "scenes", *SETTINGS)
+NATIVE_STORY_KEYS = ("name", "overview", "shots", "scenes", "csa", *SETTINGS)
 NATIVE_SCENE_KEYS = ("name", "scene_num", "shots")
 NATIVE_SHOT_KEYS = ("prompt", "first_frame_prompt", "cut", "transition", *SETTINGS)
 _LENGTH_KEYS = ("duration", "frames")
@@ -332,7 +344,8 @@ def _read_native(document: dict, source: str, default_name: str, base: str, erro
     overview = _read_story_text(document, "overview", errors, "", limit=MAX_OVERVIEW_CHARS, allow_empty=True)
     story_settings = _read_settings(document, "", base, errors)
     seed = story_settings.pop("seed", (None, ""))[0]
-    references = story_settings.pop("references", ((), ""))[0]
+    references = story_settings.pop("references", (LabelledReferences((), ()), ""))[0]
+    csa = read_csa(document["csa"], "csa", errors) if "csa" in document else None
 
     scenes: list[tuple[int, str, Any]] = []  # (scene number, path of its shot list, shot list)
     if "shots" in document and "scenes" in document:
@@ -367,7 +380,8 @@ def _read_native(document: dict, source: str, default_name: str, base: str, erro
             if shot is not None:
                 shots.append(shot)
     return Story(name=name, overview=overview, format="native", source=source, seed=seed,
-                 references=references, shots=tuple(shots), warnings=tuple(warnings))
+                 references=references.paths, reference_labels=references.labels, shots=tuple(shots),
+                 warnings=tuple(warnings), csa=csa)
 
 
 def _read_native_shot(raw: Any, path: str, story_settings: dict[str, tuple[Any, str]], base: str,
@@ -402,11 +416,14 @@ def _read_native_shot(raw: Any, path: str, story_settings: dict[str, tuple[Any, 
     own = _read_settings(raw, path, base, errors)
     inherited = {key: value for key, value in story_settings.items()
                  if key not in own and not (key in _LENGTH_KEYS and any(k in own for k in _LENGTH_KEYS))}
+    values = {key: value for key, (value, _) in {**inherited, **own}.items()}
+    if "references" in values:
+        values["references"], values["reference_labels"] = values.pop("references")
     return ShotSpec(index=index, scene=scene, shot=number, path=path, prompt=prompt,
                     first_frame_prompt=first_frame, cut=bool(cut),
                     transition=None if cut else transition,
                     inherited_from=tuple((key, where) for key, (_, where) in inherited.items()),
-                    **{key: value for key, (value, _) in {**inherited, **own}.items()})
+                    **values)
 
 
 # --- model-dependent checks -------------------------------------------------------------------
@@ -414,21 +431,25 @@ def _read_native_shot(raw: Any, path: str, story_settings: dict[str, tuple[Any, 
 def check_against_model(story: Story, limits: ModelLimits) -> Story:
     """Check frames, durations, resolutions and steps against a model preset's limits.
 
-    Returns a Story whose shots have `frames` filled from `duration`; raises StoryValidationError
-    listing every violation, each once, at the path where the offending value was written.
+    Returns a Story whose shots have `frames` filled from `duration` and `mode` resolved (auto
+    becomes fifo for shots longer than the model's native length, m2v otherwise); raises
+    StoryValidationError listing every violation, each once, at the path where the offending value
+    was written.
     """
     errors = FieldErrors()
+    check_references(len(story.references), "references", limits, errors)
     shots = []
     for shot in story.shots:
         frames = shot.frames
+        longest = longest_shot(shot.mode, limits)
         if shot.duration is not None:
-            frames = frames_of_duration(shot.duration, shot.written_at("duration"), limits, errors)
+            frames = frames_of_duration(shot.duration, shot.written_at("duration"), limits, errors, longest)
         elif shot.frames is not None:
-            check_frames(shot.frames, shot.written_at("frames"), limits, errors)
+            check_frames(shot.frames, shot.written_at("frames"), limits, errors, longest)
         if shot.resolution is not None:
             check_resolution(shot.resolution, shot.written_at("resolution"), limits, errors)
         if shot.steps is not None:
             check_steps(shot.steps, shot.written_at("steps"), limits, errors)
-        shots.append(replace(shot, frames=frames))
+        shots.append(replace(shot, frames=frames, mode=resolve_mode(shot.mode, frames, limits)))
     errors.raise_if_any(story.source)
     return replace(story, shots=tuple(shots))

@@ -33,9 +33,12 @@ MAX_REPORTED_ERRORS = 100
 
 _CONTROL = "\x00-\x08\x0b-\x1f\x7f-\x9f"  # Cc without tab (\x09) and newline (\x0a)
 _BIDI = "\u202a-\u202e\u2066-\u2069"
+_BIDI_MARKS = "\u200e\u200f\u061c"  # LRM, RLM, ALM: invisible, they reorder neighbouring text
+_TAGS = "\U000e0000-\U000e007f"  # invisible tag characters: text a person cannot see in a prompt
 _SURROGATE = "\ud800-\udfff"
-_FORBIDDEN_MULTILINE = re.compile(f"[{_CONTROL}{_BIDI}{_SURROGATE}]")
-_FORBIDDEN_ONE_LINE = re.compile(f"[\t\n{_CONTROL}{_BIDI}{_SURROGATE}]")
+_INVISIBLE = f"{_BIDI}{_BIDI_MARKS}{_TAGS}{_SURROGATE}"
+_FORBIDDEN_MULTILINE = re.compile(f"[{_CONTROL}{_INVISIBLE}]")
+_FORBIDDEN_ONE_LINE = re.compile(f"[\t\n{_CONTROL}{_INVISIBLE}]")
 _UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _RESOLUTION_TEXT = re.compile(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*")
 
@@ -166,6 +169,10 @@ def read_text(value: Any, path: str, errors: FieldErrors, *, limit: int = MAX_PR
             errors.add(path, f"contains an unpaired surrogate {where}")
         elif "\u202a" <= ch <= "\u202e" or "\u2066" <= ch <= "\u2069":
             errors.add(path, f"contains a Unicode bidirectional override {where}")
+        elif ch in _BIDI_MARKS:
+            errors.add(path, f"contains an invisible Unicode bidirectional mark {where}")
+        elif "\U000e0000" <= ch <= "\U000e007f":
+            errors.add(path, f"contains an invisible Unicode tag character {where}")
         else:
             allowed = "none are allowed here" if one_line else "only newline and tab are allowed"
             errors.add(path, f"contains a control character {where}; {allowed}")

@@ -4,6 +4,11 @@ Pixels cross this boundary as uint8 RGB [T, H, W, 3]; latents as normalised floa
 (per-channel (z - mean) / std from the VAE's config, as Wan's models expect). Keyframes are encoded
 alone as one-frame clips, which is how StoryMem trains memory. Decoding is only ever asked for the
 video latents: memory latents are split off before they reach this module.
+
+Speed and memory (`configure`): the VAE runs in bfloat16 on GPUs (fp32 VAEs double decode time),
+and decodes large shots in overlapping spatial tiles (diffusers' tiled decode, blended seams), which
+bounds decode memory at 480p and above; tiling applies to decoding only, so keyframe latents do not
+depend on it.
 """
 
 from __future__ import annotations
@@ -49,6 +54,21 @@ class VideoVAE:
         self.channels = int(cfg.z_dim)
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(-1, 1, 1, 1)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(-1, 1, 1, 1)
+        self.tiling = False
+
+    def configure(self, *, tiling: bool | None = None, dtype: torch.dtype | None = None, tile: tuple[int, int, int, int] | None = None) -> None:
+        """tiling: tiled decode on/off; dtype: cast the VAE; tile: (min height, min width, stride height,
+        stride width) in pixels (diffusers' defaults 256, 256, 192, 192)."""
+        if dtype is not None and dtype != self.dtype:
+            self.vae.to(dtype=dtype)
+        if tile is not None:
+            min_h, min_w, stride_h, stride_w = tile
+            if not (0 < stride_h <= min_h and 0 < stride_w <= min_w) or min_h % self.spatial_stride or min_w % self.spatial_stride:
+                raise ValueError(f"vae tile {tile}: sizes must be multiples of {self.spatial_stride} with 0 < stride <= size")
+            self.vae.tile_sample_min_height, self.vae.tile_sample_min_width = min_h, min_w
+            self.vae.tile_sample_stride_height, self.vae.tile_sample_stride_width = stride_h, stride_w
+        if tiling is not None:
+            self.tiling = bool(tiling)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,8 +104,16 @@ class VideoVAE:
         return torch.cat(out) if out else torch.empty(0)
 
     @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [C, T', h, w] -> float video [3, T, H, W] in about [-1, 1]."""
+        z = latents.float().to(self.device) * self._std.to(self.device) + self._mean.to(self.device)
+        previous = getattr(self.vae, "use_tiling", False)
+        self.vae.use_tiling = previous or self.tiling  # a caller's enable_tiling() (low-memory retry) still holds
+        try:
+            return self.vae.decode(z[None].to(self.dtype)).sample[0]
+        finally:
+            self.vae.use_tiling = previous
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Normalised latents [C, T', h, w] -> uint8 [T, H, W, 3]."""
-        z = latents.float().to(self.device) * self._std.to(self.device) + self._mean.to(self.device)
-        video = self.vae.decode(z[None].to(self.dtype)).sample[0]
-        return to_uint8(video)
+        return to_uint8(self.decode_video(latents))

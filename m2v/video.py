@@ -15,8 +15,10 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -36,10 +38,12 @@ __all__ = [
     "contact_sheet",
     "probe_mp4",
     "read_frame",
+    "read_last_frames",
     "read_mp4",
     "save_png",
     "sha256_file",
     "write_mp4",
+    "write_mp4_stream",
 ]
 
 
@@ -159,6 +163,42 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: int, *, crf: int = 18) ->
         raise ValueError(f"fps must be positive, got {fps}")
     with atomic_output(path) as tmp:
         _encode(tmp, frames, width, height, fps, crf)
+
+
+def write_mp4_stream(path: PathLike, frames: Iterable[np.ndarray], fps: int, *, crf: int = 18) -> int:
+    """Write uint8 RGB frames [H, W, 3] as they arrive (a long shot is never held whole), atomically,
+    byte for byte as write_mp4 would write the same frames; returns how many were written."""
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    iterator = iter(frames)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("cannot write a video with no frames")
+    first = _check_frames(np.asarray(first)[None])[0]
+    height, width, _ = first.shape
+    _check_even(height, width, str(path))
+    written = 0
+
+    def counted() -> Iterator[np.ndarray]:
+        nonlocal written
+        for frame in itertools.chain([first], iterator):
+            if np.shape(frame) != first.shape:
+                raise ValueError(f"{path}: frame {written} is {list(np.shape(frame))}, the first was {list(first.shape)}")
+            written += 1
+            yield frame
+
+    with atomic_output(path) as tmp:
+        _encode(tmp, counted(), width, height, fps, crf)
+    return written
+
+
+def read_last_frames(path: PathLike, count: int) -> np.ndarray:
+    """The last `count` frames of a video (uint8 RGB [k, H, W, 3]), holding no more than that."""
+    last = collections.deque(_decode(path), maxlen=max(0, count))
+    if not last:
+        info = probe_mp4(path)
+        return np.empty((0, info["height"], info["width"], 3), dtype=np.uint8)
+    return np.stack(last)
 
 
 def read_frame(path: PathLike, index: int) -> np.ndarray:

@@ -175,7 +175,8 @@ class Executor:
             worker.last_seen = self.clock()
             if isinstance(msg, Ready):
                 worker.state = "idle"
-                log.info("worker %s ready on %s (%.1fs)", msg.worker_id, msg.device, msg.load_seconds)
+                log.info("worker %s ready on %s (%.1fs, attention %s)", msg.worker_id, msg.device, msg.load_seconds,
+                         msg.attention_backend or "unknown")
                 self.on_event(worker.id, device=worker.device, event="ready")
             elif isinstance(msg, (Done, Failed)):
                 if msg.attempt_id is None:  # failed to start

@@ -32,6 +32,7 @@ class Ready:
     device: str
     preset: str
     load_seconds: float
+    attention_backend: str = ""  # the backend that ran in the warm-up forwards
 
 
 @dataclass(frozen=True)

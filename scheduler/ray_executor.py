@@ -26,13 +26,15 @@ class RayWorker:
     """The actor body (made remote in `_actor_class`): one WorkerRuntime, a cancel flag that a
     second actor thread can set while a shot renders."""
 
-    def __init__(self, worker_id: str, preset: str, device: str, outbox, threads: int | None, expert_placement: str):
+    def __init__(self, worker_id: str, preset: str, device: str, outbox, threads: int | None, expert_placement: str,
+                 group_size: int = 1):
         from storyfarm.scheduler.worker import WorkerRuntime
 
         self.outbox = outbox
         self.cancel_flag = threading.Event()
         self.runtime = WorkerRuntime(worker_id, preset, device, outbox.put, threads=threads,
-                                     expert_placement=expert_placement)
+                                     expert_placement=expert_placement,
+                                     extra_devices=tuple(f"cuda:{i}" for i in range(1, group_size)))
 
     def load(self) -> bool:
         from storyfarm.scheduler.messages import Failed
@@ -119,7 +121,8 @@ class RayExecutor(Executor):
         actor = _actor_class().options(
             num_cpus=1, num_gpus=gpus, name=None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
-        ).remote(handle.id, self.preset, handle.group.device, self.outbox, self.threads, self.expert_placement)
+        ).remote(handle.id, self.preset, handle.group.device, self.outbox, self.threads, self.expert_placement,
+                 max(1, gpus))
         handle.runtime = _Actor(actor, pg, actor.load.remote())
 
     def _send(self, handle: WorkerHandle, message) -> None:

@@ -15,6 +15,7 @@ happened (the daemon retries once in low-memory mode), anything else is a conten
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -24,6 +25,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.faults import worker_fault
+
+log = logging.getLogger(__name__)
 
 FATAL_MARKERS = ("CUDA error", "cudaError", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert",
                  "illegal memory access", "unspecified launch failure", "NCCL error")
@@ -51,9 +55,10 @@ class WorkerRuntime:
     """Loads a preset on one device and renders tasks, reporting through `send` (a callable)."""
 
     def __init__(self, worker_id: str, preset_name: str, device: str, send, *, threads: int | None = None,
-                 expert_placement: str = "both"):
+                 expert_placement: str = "both", extra_devices: tuple[str, ...] = ()):
         self.worker_id, self.preset_name, self.device = worker_id, preset_name, device
         self.send, self.threads, self.expert_placement = send, threads, expert_placement
+        self.extra_devices = tuple(extra_devices)  # the rest of a GPU group: FIFO windows run there too
         self.renderer = None
         self.stage = ""
 
@@ -70,8 +75,16 @@ class WorkerRuntime:
         t0 = time.perf_counter()
         engine = Engine(load_preset(self.preset_name), device=self.device)
         set_expert_placement(engine, self.expert_placement)
+        if self.extra_devices:
+            from storyfarm.m2v.fifo_shot import add_window_devices
+
+            add_window_devices(engine, list(self.extra_devices))
+        report = engine.warm_up()  # compiles and first-call costs move out of the first shot
+        log.info("worker %s on %s warmed up: attention %s, %s", self.worker_id, self.device,
+                 engine.attention_backend, report)
         self.renderer = StoryRenderer(engine, RenderSettings())
-        return Ready(self.worker_id, self.device, engine.preset.name, time.perf_counter() - t0)
+        return Ready(self.worker_id, self.device, engine.preset.name, time.perf_counter() - t0,
+                     str(engine.attention_backend))
 
     @property
     def engine(self):
@@ -100,6 +113,7 @@ class WorkerRuntime:
                           details={"traceback": traceback.format_exc(limit=8), "pid": os.getpid()})
 
     def _render(self, task: ShotTask, cancel) -> Done:
+        worker_fault(task)
         from storyfarm.m2v.driver import Cancelled
         from storyfarm.m2v.placement import low_memory
         from storyfarm.m2v.story import check_against_model, parse_story
@@ -125,12 +139,12 @@ class WorkerRuntime:
 
         pool_before = engine.pool.stats.as_dict()
         with low_memory(engine) if task.low_memory else nullcontext():
-            entry = renderer.render_shot(story, shot, task.story_dir, on_step=on_step)
+            entry = renderer.render_shot(story, shot, task.story_dir, on_step=on_step, edit=task.edit)
         files = [entry["file"]]
         manifest = None
         if task.finish_story:
             self._progress(task, "mp4_encode")
-            manifest = renderer.finish(story, task.story_dir, [*task.entries, entry])
+            manifest = renderer.finish(story, task.story_dir, sorted([*task.entries, entry], key=lambda e: e["index"]))
             files += ["story.mp4", "contact_sheet.png", "manifest.json"] + [k["file"] for k in manifest["keyframes"]]
             self.release(task.story_dir)  # the story ended: free its memory
         resident = len(engine.pool.namespaces() - {"shared"})
@@ -190,8 +204,10 @@ def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, ca
     if visible_devices is not None:  # the GPU group, before anything can initialise CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     parent = os.getppid()
+    group = visible_devices.split(",") if visible_devices else []
     runtime = WorkerRuntime(worker_id, preset_name, device, outbox.put, threads=threads,
-                            expert_placement=expert_placement)
+                            expert_placement=expert_placement,
+                            extra_devices=tuple(f"cuda:{i}" for i in range(1, len(group))))
     try:
         outbox.put(runtime.load())
     except BaseException as exc:  # noqa: BLE001 - report every start failure to the parent

@@ -12,6 +12,12 @@ STORIES = REPO / "configs" / "stories"
 STBENCH = Path(os.environ.get("STORYFARM_STBENCH", REPO.parent / "shared" / "stbench"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reliability-long", action="store_true", default=False,
+                     help="tests/reliability: the long mode (more stories, kills and load; see RELIABILITY.md); "
+                          "also set by STORYFARM_RELIABILITY_LONG=1")
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -15,13 +15,11 @@ import uuid
 import grpc
 import pytest
 from PIL import Image
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from storyfarm.daemon.client_wire import StoryfarmError
-from storyfarm.daemon.config import load_config
+from helpers.daemon_inproc import running_daemon, submit, wait_final
+from helpers.daemon_proc import violations
 from storyfarm.daemon.server import Daemon
 from storyfarm.v1 import render_pb2 as pb
-from storyfarm.v1 import render_pb2_grpc
 
 SMALL = {"resolution": "64x32", "frames": 9, "steps": 2}
 
@@ -34,40 +32,8 @@ def story_yaml(n_shots=3, **over) -> str:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    config = load_config(None, {"listen": "127.0.0.1:0", "data_dir": str(data), "preset": "tiny", "workers": 1, "device": "cpu",
-                                "grace_seconds": 5})
-    d = Daemon(config)
-    d.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{d.port}")
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 120
-    while health.Check(health_pb2.HealthCheckRequest(service="")).status != health_pb2.HealthCheckResponse.SERVING:
-        assert time.monotonic() < deadline, "daemon never became SERVING"
-        time.sleep(0.2)
-    yield d, render_pb2_grpc.RenderServiceStub(channel)
-    d.shutdown()
-    channel.close()
-
-
-def submit(stub, text, request_id=None, **kw):
-    return stub.SubmitStory(pb.SubmitStoryRequest(request_id=request_id or uuid.uuid4().hex, story_json=text, **kw))
-
-
-def wait_final(stub, story_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    while True:
-        story = stub.GetStory(pb.GetStoryRequest(story_id=story_id))
-        if story.state in (pb.STORY_STATE_SUCCEEDED, pb.STORY_STATE_FAILED, pb.STORY_STATE_CANCELLED):
-            return story
-        assert time.monotonic() < deadline, f"story still {story.state}"
-        time.sleep(0.2)
-
-
-def violations(error: grpc.RpcError) -> tuple[dict[str, str], str | None]:
-    """Field violations and the ErrorInfo reason from a rich status, read as the client library does."""
-    parsed = StoryfarmError.from_rpc_error(error)
-    return dict(parsed.field_violations), parsed.reason
+    with running_daemon(tmp_path_factory.mktemp("data")) as (d, stub):
+        yield d, stub
 
 
 def download(stub, story_id, name, offset=0):

@@ -10,14 +10,11 @@ is not a dependency); the test is skipped where there is no openssl binary.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,39 +24,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from storyfarm.daemon.client_wire import StoryfarmError
+from helpers.daemon_proc import CHANNEL_OPTIONS, NOT_SERVING, DaemonProcess, violations, wait_serving
+from helpers.images import png
 from storyfarm.daemon.config import ConfigError, DaemonConfig, check_exposure, load_config
 from storyfarm.daemon.server import Daemon
 from storyfarm.daemon.store import JobStore
 from storyfarm.v1 import render_pb2 as pb
 from storyfarm.v1 import render_pb2_grpc
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SMALL_STORY = json.dumps({"resolution": "64x32", "frames": 9, "steps": 2, "shots": [{"prompt": "a lighthouse at night"}]})
-# Private channels: gRPC would otherwise share one connection between channels with equal settings.
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
-
-
-def violations(error: grpc.RpcError) -> tuple[dict[str, str], str | None]:
-    """Field violations and the ErrorInfo reason from a rich status, read as the client library does."""
-    parsed = StoryfarmError.from_rpc_error(error)
-    return dict(parsed.field_violations), parsed.reason
-
-
-def wait_serving(channel: grpc.Channel, timeout: float = 120, what: str = "daemon") -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        assert time.monotonic() < deadline, f"{what} never became SERVING"
-        time.sleep(0.1)
-
-
 # -- mutual TLS ----------------------------------------------------------------------------------
 
 OPENSSL_CONFIG = """\
@@ -212,18 +185,6 @@ def limited_daemon(tmp_path):
         d.shutdown()
 
 
-def png(width: int, height: int, noise: bool = False) -> bytes:
-    from PIL import Image
-
-    if noise:  # random pixels do not compress: the file is about width * height * 3 bytes
-        image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
-    else:
-        image = Image.new("RGB", (width, height), (40, 90, 160))
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
 def padded_story(total_bytes: int) -> str:
     """A valid story whose JSON text is exactly `total_bytes` long (trailing whitespace, which JSON
     allows and no story field limit counts)."""
@@ -304,7 +265,6 @@ def test_a_small_message_limit_still_serves_artifacts_larger_than_it(limited_dae
 
 # -- SIGTERM under load --------------------------------------------------------------------------
 
-CLI = str(Path(sys.executable).with_name("storyfarm"))
 GRACE = 8.0
 # Four shots of a second or so each on an idle CPU worker (several on a busy machine). SIGTERM lands
 # half-way through shot 1 (or 2): the worker is warm by then (a cold worker's first shot is much
@@ -314,64 +274,10 @@ LONG_STORY = json.dumps({"seed": 11, "resolution": "96x64", "frames": 17, "steps
                                    for i in range(4)]})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(data: Path) -> subprocess.Popen:
-    """`storyfarm serve` on a free port in its own session, SERVING; `.stub`, `.health`, `.log` attached.
-    The daemon refuses a port another process took since `free_port` (no SO_REUSEPORT sharing): then
-    it is started again on another."""
-    for _ in range(3):
-        proc = _start(data, free_port())
-        if proc is not None:
-            return proc
-    raise AssertionError("no free port could be bound in three tries")
-
-
-def _start(data: Path, port: int) -> subprocess.Popen | None:
-    log_path = data.parent / f"daemon-{port}-{time.time_ns()}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([CLI, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--device", "cpu",
-                                 "--grace-seconds", str(GRACE)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log_path
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            channel.close()
-            if "listen: cannot bind" in log_path.read_text():
-                return None
-            raise AssertionError(f"daemon exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
-                break
-        except grpc.RpcError:
-            pass
-        assert time.monotonic() < deadline, "daemon never SERVING"
-        time.sleep(0.2)
-    proc.channel, proc.health, proc.stub = channel, health, render_pb2_grpc.RenderServiceStub(channel)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Clean up whatever is left of a daemon this test started (it and its workers)."""
-    proc.channel.close()
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_sigterm_under_load_drains_then_exits_and_a_restart_finishes_the_story(tmp_path):
     data = tmp_path / "data"
-    daemon = start(data)
+    daemon = DaemonProcess(data, grace=GRACE).start()
     try:
         story_id = daemon.stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=LONG_STORY)).story_id
         deadline = time.monotonic() + 90
@@ -395,7 +301,7 @@ def test_sigterm_under_load_drains_then_exits_and_a_restart_finishes_the_story(t
                 seen.append(exc.code().name)
             time.sleep(0.02)
         assert not_serving_after is not None, \
-            f"health did not report NOT_SERVING within 1 s of SIGTERM: {seen}; {daemon.log.read_text()[-2000:]}"
+            f"health did not report NOT_SERVING within 1 s of SIGTERM: {seen}; {daemon.tail(2000)}"
 
         with pytest.raises(grpc.RpcError) as err:
             daemon.stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=SMALL_STORY), timeout=5)
@@ -405,13 +311,13 @@ def test_sigterm_under_load_drains_then_exits_and_a_restart_finishes_the_story(t
         assert reason in ("SHUTTING_DOWN", None), reason
 
         try:
-            code = daemon.wait(timeout=GRACE + 10 - (time.monotonic() - signalled))
+            code = daemon.proc.wait(timeout=GRACE + 10 - (time.monotonic() - signalled))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"daemon still running {GRACE + 10} s after SIGTERM: {daemon.log.read_text()[-2000:]}")
+            pytest.fail(f"daemon still running {GRACE + 10} s after SIGTERM: {daemon.tail(2000)}")
         exited_after = time.monotonic() - signalled
-        assert code == 0, daemon.log.read_text()[-2000:]
+        assert code == 0, daemon.tail(2000)
     finally:
-        stop(daemon)
+        daemon.stop()
 
     with JobStore.open(data / "storyfarm.db") as store:
         story = store.get_story(story_id)
@@ -430,7 +336,7 @@ def test_sigterm_under_load_drains_then_exits_and_a_restart_finishes_the_story(t
             assert a.outcome == "succeeded", a
     finished_in_grace = {a.shot_id for a in attempts if a.outcome == "succeeded"}
 
-    daemon = start(data)  # the same data dir
+    daemon = DaemonProcess(data, grace=GRACE).start()  # the same data dir
     try:
         deadline = time.monotonic() + 120
         while (story := daemon.stub.GetStory(pb.GetStoryRequest(story_id=story_id))).state != pb.STORY_STATE_SUCCEEDED:
@@ -440,9 +346,9 @@ def test_sigterm_under_load_drains_then_exits_and_a_restart_finishes_the_story(t
         assert [s.state for s in story.shots] == [pb.SHOT_STATE_SUCCEEDED] * 4
         assert [s.story_id for s in daemon.stub.ListStories(pb.ListStoriesRequest(page_size=100)).stories] == [story_id]
         os.kill(daemon.pid, signal.SIGTERM)
-        assert daemon.wait(timeout=GRACE + 10) == 0, daemon.log.read_text()[-2000:]
+        assert daemon.proc.wait(timeout=GRACE + 10) == 0, daemon.tail(2000)
     finally:
-        stop(daemon)
+        daemon.stop()
     with JobStore.open(data / "storyfarm.db") as store:
         for shot in store.get_story(story_id).shots:
             outcomes = [a.outcome for a in store.attempts(shot.id)]

@@ -10,14 +10,12 @@ import signal
 import time
 import uuid
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from storyfarm.daemon.config import load_config
+from helpers.daemon_inproc import running_daemon, wait_final
+from helpers.daemon_inproc import submit as submit_story
 from storyfarm.daemon.server import Daemon
 from storyfarm.v1 import render_pb2 as pb
-from storyfarm.v1 import render_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -30,42 +28,12 @@ def story(name: str, shots: int = 3, steps: int = 2, seed: int = 5) -> str:
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
-    data = tmp_path_factory.mktemp("farm")
-    config = load_config(None, {"listen": "127.0.0.1:0", "data_dir": str(data), "preset": "tiny", "workers": 2,
-                                "device": "cpu", "grace_seconds": 5})
-    d = Daemon(config)
-    d.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{d.port}")
-    health = health_pb2_grpc.HealthStub(channel)
-    stub = render_pb2_grpc.RenderServiceStub(channel)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            serving = health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            serving = False
-        idle = sum(w["state"] == "idle" for w in d.pool.snapshot())
-        if serving and idle == 2:
-            break
-        assert time.monotonic() < deadline, "two idle workers never came up"
-        time.sleep(0.2)
-    yield d, stub
-    d.shutdown()
-    channel.close()
+    with running_daemon(tmp_path_factory.mktemp("farm"), workers=2, ready_workers=2) as (d, stub):
+        yield d, stub
 
 
 def submit(stub, text: str) -> str:
-    return stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=text)).story_id
-
-
-def wait_final(stub, story_id: str, timeout: float = 300) -> pb.Story:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = stub.GetStory(pb.GetStoryRequest(story_id=story_id))
-        if s.state in (pb.STORY_STATE_SUCCEEDED, pb.STORY_STATE_FAILED, pb.STORY_STATE_CANCELLED):
-            return s
-        assert time.monotonic() < deadline, f"story {story_id} still {s.state}"
-        time.sleep(0.2)
+    return submit_story(stub, text).story_id
 
 
 def attempts(d: Daemon, story_id: str) -> list[list[tuple[str, str]]]:

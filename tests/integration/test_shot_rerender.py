@@ -1,8 +1,9 @@
 """A shot rendered again, in a fresh renderer, from the story folder alone gives the same shot.
 
-This is what a daemon worker does after a crash (and what re-rendering a shot will build on): the
-memory bank is rewound to the moment before the shot, the continuation frames are read from the
-previous shot's published clip, and the result is byte-identical.
+This is what a daemon worker does after a crash, and what a re-render builds on: the shot sees its
+memory snapshot (the bank as it stood before the shot, computed without changing the bank), the
+continuation frames are read from the previous shot's published clip, the result is byte-identical
+and its keyframes replace the old ones in place.
 """
 
 import json
@@ -33,14 +34,17 @@ def test_rerendering_a_middle_shot_reproduces_it(tiny_engine, tmp_path):
     assert [s["transition"] for s in shots] == [None, "first_frame", None, "motion_frames"]
     assert [s["frames"] for s in shots] == [9, 8, 9, 4]  # repeated conditioning frames dropped
 
-    # a crashed attempt of shot 2 left its keyframes and a later shot's in the bank: rewind drops them
+    # shot 2 rendered again in a fresh renderer (a retry, a re-render without an edit): it sees its
+    # memory snapshot (what stood before it, not the later shots' keyframes) and gives the same take
     fresh = StoryRenderer(tiny_engine, settings)
     again = fresh.render_shot(story, story.shots[1], out)
     for key in ("sha256", "memory_keyframes", "rope_time_positions", "new_keyframes", "seed", "frames"):
         assert again[key] == shots[1][key], key
+    # its keyframes were replaced in place: the later shots keep theirs, in story order
+    assert json.loads((out / "keyframes" / "memory.json").read_text()) == bank_before
     bank = MemoryBank.load(out / "keyframes")
-    known_before_2 = [k for k in bank_before["keyframes"] if k["shot_index"] is None or k["shot_index"] <= 1]
-    assert bank.snapshot() == [k["id"] for k in known_before_2]
+    known_before_2 = [k["id"] for k in bank_before["keyframes"] if k["shot_index"] is None or k["shot_index"] < 1]
+    assert bank.before(1) == known_before_2
     # and the rest of the story continues from there exactly as before
     for shot in story.shots[2:]:
         redo = fresh.render_shot(story, shot, out)

@@ -115,7 +115,7 @@ def test_references_without_embeddings_and_custom_ids(tmp_path):
     assert bank.embeddings() is None
     bank.add_shot_keyframes(0, shot(0, [3]))
     assert bank.embeddings().shape == (1, 8)  # only keyframes that have an embedding
-    bank.add_references([image(3)])  # a shot's own references join mid-story
+    bank.add_references([image(3)], for_shot=1)  # a shot's own references join mid-story
     assert bank.snapshot() == ["hero", "ref01", "s000f003", "ref02"]
     assert_same_bank(bank, MemoryBank.load(tmp_path))
     with pytest.raises(ValueError):
@@ -164,7 +164,7 @@ def test_window_ids_and_memory_before_each_shot(tmp_path):
     assert later.embeddings(windows[2]).shape == (5, 8)
 
 
-def test_retried_shot_replaces_its_keyframes_only_at_the_tail(tmp_path):
+def test_retried_shot_replaces_its_keyframes(tmp_path):
     bank = MemoryBank(tmp_path)
     bank.add_shot_keyframes(0, shot(0, [0]))
     bank.add_shot_keyframes(1, shot(1, [0, 40]))
@@ -174,9 +174,29 @@ def test_retried_shot_replaces_its_keyframes_only_at_the_tail(tmp_path):
     assert not (tmp_path / "s001f040.png").exists()
     assert_same_bank(bank, MemoryBank.load(tmp_path))
     assert np.array_equal(MemoryBank.load(tmp_path).images(["s001f010"])[0], image(999))
-    with pytest.raises(ValueError, match="later keyframes"):
-        bank.add_shot_keyframes(0, shot(0, [5]))
-    assert bank.snapshot() == ["s000f000", "s001f010"]
+
+
+def test_rerendered_shot_replaces_its_keyframes_in_place(tmp_path):
+    bank = MemoryBank(tmp_path)
+    bank.add_references([image(1)], embeddings=[emb(1)], labels=["lena"])
+    bank.add_shot_keyframes(0, shot(0, [0, 5]))
+    bank.add_references([image(2)], embeddings=[emb(2)], for_shot=1, labels=["harbour"])
+    bank.add_shot_keyframes(1, shot(1, [3]))
+    bank.add_shot_keyframes(2, shot(2, [1]))
+    before = {s: bank.before(s) for s in range(4)}
+    assert before[1] == ["ref00", "s000f000", "s000f005", "ref01"]  # a shot sees its own references
+    assert before[2] == before[1] + ["s001f003"] and before[3] == before[2] + ["s002f001"]
+    # shot 0 re-rendered with an edit: new keyframes at its place, later shots keep theirs
+    bank.add_shot_keyframes(0, [(7, image(70), emb(70))])
+    assert bank.snapshot() == ["ref00", "s000f007", "ref01", "s001f003", "s002f001"]
+    assert not (tmp_path / "s000f000.png").exists() and (tmp_path / "s002f001.png").exists()
+    assert bank.before(2) == ["ref00", "s000f007", "ref01", "s001f003"]
+    reloaded = MemoryBank.load(tmp_path)
+    assert_same_bank(bank, reloaded)
+    assert [k.label for k in reloaded.keyframes] == ["lena", None, "harbour", None, None]
+    # the window over a snapshot: the story's references are long-term however many there are
+    assert bank.window_ids(long_term=0, max_size=2, shot_index=2) == ["ref00", "s001f003"]
+    assert bank.window_ids(long_term=0, max_size=2) == ["ref00", "s002f001"]
 
 
 def test_invalid_additions_change_nothing(tmp_path):

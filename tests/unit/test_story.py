@@ -86,7 +86,7 @@ def test_storymem_parallel_lists_must_match_video_prompts():
 def test_storymem_scene_numbers_and_keys():
     errors = errors_of(storymem(scene(1, ["a"], [True]), scene(1, ["b"], [True], seed=3), seed=1))
     assert errors == [
-        "seed: unknown key; allowed: story_name, story_overview, scenes",
+        "seed: unknown key; allowed: story_name, story_overview, scenes, references",
         "scenes[1].seed: unknown key; allowed: scene_num, video_prompts, first_frame_prompt, cut",
         "scenes[1].scene_num: 1 is already used by scenes[0]",
     ]
@@ -98,7 +98,7 @@ def test_native_minimal_shots_are_cuts_in_scene_one():
     story = parse_story({"shots": [{"prompt": "a"}, {"prompt": "b"}]})
     assert story.format == "native" and story.name == "" and story.seed is None
     assert [(s.scene, s.shot, s.path, s.cut, s.transition, s.mode) for s in story.shots] == [
-        (1, 1, "shots[0]", True, None, "m2v"), (1, 2, "shots[1]", True, None, "m2v")]
+        (1, 1, "shots[0]", True, None, "auto"), (1, 2, "shots[1]", True, None, "auto")]
     assert story.shots[0].overrides() == {}
 
 
@@ -147,10 +147,11 @@ def test_native_first_shot_continuation_is_read_as_cut_with_a_warning():
     assert story.warnings == ("shots[0].cut: the first shot of a story is always a cut; read as cut: true",)
 
 
-def test_mode_fifo_is_not_available_yet():
-    assert errors_of({"mode": "fifo", "shots": [{"prompt": "a", "mode": "sdxl"}]}) == [
-        'mode: "fifo" is not available yet; allowed: m2v',
-        'shots[0].mode: expected one of: m2v, got "sdxl"',
+def test_mode_is_auto_m2v_or_fifo():
+    story = parse_story({"mode": "fifo", "shots": [{"prompt": "a"}, {"prompt": "b", "mode": "m2v"}]})
+    assert [s.mode for s in story.shots] == ["fifo", "m2v"]
+    assert errors_of({"shots": [{"prompt": "a", "mode": "sdxl"}]}) == [
+        'shots[0].mode: expected one of: auto, m2v, fifo, got "sdxl"',
     ]
 
 
@@ -239,6 +240,8 @@ def test_a_flood_of_errors_is_listed_up_to_100_then_counted():
     ("ab\rc", "contains a control character (U+000D) at position 2; only newline and tab are allowed"),
     ("x\u202eevil", "contains a Unicode bidirectional override (U+202E) at position 1"),
     ("\u2066x", "contains a Unicode bidirectional override (U+2066) at position 0"),
+    ("ab\u200fc", "contains an invisible Unicode bidirectional mark (U+200F) at position 2"),
+    ("a\U000e0041\U000e0042", "contains an invisible Unicode tag character (U+E0041) at position 1"),
     ("x\ud800", "contains an unpaired surrogate (U+D800) at position 1"),
     ("", "must not be empty or whitespace"),
     (" \n\t ", "must not be empty or whitespace"),
@@ -255,7 +258,7 @@ def test_prompts_may_hold_newlines_tabs_unicode_and_4000_characters():
 
 def test_error_messages_escape_what_they_quote():
     [error] = errors_of({"shots": [{"prompt": "a", "mode": "x\u202e\n"}]})
-    assert error == 'shots[0].mode: expected one of: m2v, got "x\\u202e\\n"'
+    assert error == 'shots[0].mode: expected one of: auto, m2v, fifo, got "x\\u202e\\n"'
 
 
 def test_shot_count_is_capped():

@@ -103,6 +103,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROJECT_FORBIDDEN: _ClassVar[ErrorReason]
     SHUTTING_DOWN: _ClassVar[ErrorReason]
     STORE_BUSY: _ClassVar[ErrorReason]
+    STORY_BUSY: _ClassVar[ErrorReason]
+    INVALID_EDIT: _ClassVar[ErrorReason]
 STORY_STATE_UNSPECIFIED: StoryState
 STORY_STATE_QUEUED: StoryState
 STORY_STATE_RUNNING: StoryState
@@ -172,6 +174,8 @@ ROLE_REQUIRED: ErrorReason
 PROJECT_FORBIDDEN: ErrorReason
 SHUTTING_DOWN: ErrorReason
 STORE_BUSY: ErrorReason
+STORY_BUSY: ErrorReason
+INVALID_EDIT: ErrorReason
 
 class SubmitStoryRequest(_message.Message):
     __slots__ = ("request_id", "story_json", "story_yaml", "story_spec", "reference_images", "project", "priority", "labels", "deadline_time", "preset", "validate_only")
@@ -348,7 +352,7 @@ class Story(_message.Message):
     def __init__(self, story_id: _Optional[str] = ..., name: _Optional[str] = ..., project: _Optional[str] = ..., state: _Optional[_Union[StoryState, str]] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., batch_id: _Optional[str] = ..., request_id: _Optional[str] = ..., preset: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., shot_count: _Optional[int] = ..., succeeded_shot_count: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Shot(_message.Message):
-    __slots__ = ("index", "scene", "shot", "prompt", "cut", "state", "attempts", "worker", "error", "retryable", "progress", "seed", "start_time", "finish_time")
+    __slots__ = ("index", "scene", "shot", "prompt", "cut", "state", "attempts", "worker", "error", "retryable", "progress", "seed", "start_time", "finish_time", "take")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCENE_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +367,7 @@ class Shot(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     FINISH_TIME_FIELD_NUMBER: _ClassVar[int]
+    TAKE_FIELD_NUMBER: _ClassVar[int]
     index: int
     scene: int
     shot: int
@@ -377,7 +382,8 @@ class Shot(_message.Message):
     seed: int
     start_time: _timestamp_pb2.Timestamp
     finish_time: _timestamp_pb2.Timestamp
-    def __init__(self, index: _Optional[int] = ..., scene: _Optional[int] = ..., shot: _Optional[int] = ..., prompt: _Optional[str] = ..., cut: _Optional[bool] = ..., state: _Optional[_Union[ShotState, str]] = ..., attempts: _Optional[int] = ..., worker: _Optional[str] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., progress: _Optional[_Union[ShotProgress, _Mapping]] = ..., seed: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    take: int
+    def __init__(self, index: _Optional[int] = ..., scene: _Optional[int] = ..., shot: _Optional[int] = ..., prompt: _Optional[str] = ..., cut: _Optional[bool] = ..., state: _Optional[_Union[ShotState, str]] = ..., attempts: _Optional[int] = ..., worker: _Optional[str] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., progress: _Optional[_Union[ShotProgress, _Mapping]] = ..., seed: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., take: _Optional[int] = ...) -> None: ...
 
 class ShotProgress(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "eta")
@@ -489,6 +495,24 @@ class RetryShotRequest(_message.Message):
     rerender: bool
     seed: int
     def __init__(self, story_id: _Optional[str] = ..., shot_index: _Optional[int] = ..., rerender: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RerenderShotRequest(_message.Message):
+    __slots__ = ("story_id", "shot_index", "prompt", "strength", "seed", "cascade", "request_id")
+    STORY_ID_FIELD_NUMBER: _ClassVar[int]
+    SHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    story_id: str
+    shot_index: int
+    prompt: str
+    strength: float
+    seed: int
+    cascade: bool
+    request_id: str
+    def __init__(self, story_id: _Optional[str] = ..., shot_index: _Optional[int] = ..., prompt: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., cascade: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WatchStoryRequest(_message.Message):
     __slots__ = ("story_id", "after_seq", "include_previews")

@@ -81,6 +81,11 @@ class RenderServiceStub:
                 request_serializer=storyfarm_dot_v1_dot_render__pb2.RetryShotRequest.SerializeToString,
                 response_deserializer=storyfarm_dot_v1_dot_render__pb2.Story.FromString,
                 _registered_method=True)
+        self.RerenderShot = channel.unary_unary(
+                '/storyfarm.v1.RenderService/RerenderShot',
+                request_serializer=storyfarm_dot_v1_dot_render__pb2.RerenderShotRequest.SerializeToString,
+                response_deserializer=storyfarm_dot_v1_dot_render__pb2.Story.FromString,
+                _registered_method=True)
         self.ListArtifacts = channel.unary_unary(
                 '/storyfarm.v1.RenderService/ListArtifacts',
                 request_serializer=storyfarm_dot_v1_dot_render__pb2.ListArtifactsRequest.SerializeToString,
@@ -230,15 +235,41 @@ class RenderServiceServicer:
 
     def RetryShot(self, request, context):
         """Runs one shot again: a FAILED shot (a retry, with a fresh retry budget; the story goes back to
-        RUNNING and its later shots wait for it), or, with `rerender`, a SUCCEEDED one (a new take,
-        for example with another seed). A re-rendered shot renders from the story's memory as it
-        stood before that shot, so the shots around it are not disturbed; its previous artifacts
-        stay published until the new take succeeds and replaces them, and the story video is then
-        assembled again. Shots of one story never run at the same time. Returns the story.
+        RUNNING and its later shots wait for it), or, with `rerender`, a SUCCEEDED one: exactly
+        RerenderShot with `seed` and no other change (see there). Returns the story.
         Role: submitter.
         Errors: NOT_FOUND (STORY_NOT_FOUND; SHOT_NOT_FOUND: no shot with that index);
-        FAILED_PRECONDITION with PreconditionFailure (SHOT_NOT_RETRYABLE: the shot is not FAILED, or
-        not SUCCEEDED for `rerender`; STORY_FINISHED: the story is CANCELLED).
+        FAILED_PRECONDITION (SHOT_NOT_RETRYABLE: the shot is not FAILED, or not SUCCEEDED for
+        `rerender`; STORY_FINISHED: the story is CANCELLED; STORY_BUSY: `rerender` while the story is
+        still rendering).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerenderShot(self, request, context):
+        """Re-renders one SUCCEEDED shot of a finished story as a new take, optionally with an edited
+        prompt, a strength (start from the previous take instead of pure noise) and a seed. The shot
+        renders from the story's memory exactly as it stood before that shot (the memory snapshot of
+        the shot: references and the keyframes of the shots before it), and its new keyframes replace
+        its old ones in place. Without `cascade` no other shot is rendered again and their artifacts
+        stay byte for byte as they were; with `cascade` every later shot renders again after it, in
+        order, seeing the new memory (and, for continuations, the new last frames). The edit stays
+        with the shot: later takes of it (a retry, a cascade from an earlier shot) use the edited
+        prompt and seed; `strength` applies to this take only. The old take's artifacts stay
+        published until the new take succeeds and replaces them under the same names (new sha256);
+        then the story video, contact sheet and manifest are assembled again and the story is
+        SUCCEEDED (or FAILED again when a later shot it did not cascade to is still FAILED). The
+        story goes back to RUNNING at once; events: StoryStateChanged, ShotStateChanged for every
+        shot queued or waiting again, ArtifactPublished for every republished artifact.
+        Idempotent by `request_id`: a repeat returns the story without queuing another take.
+        Role: submitter.
+        Errors: INVALID_ARGUMENT with BadRequest (INVALID_EDIT: `prompt`, `strength` or `seed` out of
+        range); NOT_FOUND (STORY_NOT_FOUND; SHOT_NOT_FOUND: no shot with that index; metadata
+        `shot_index`, `shot_count`); FAILED_PRECONDITION (SHOT_NOT_RETRYABLE: the shot is not
+        SUCCEEDED; STORY_BUSY: the story is QUEUED, RUNNING or PAUSED: re-render once it has
+        SUCCEEDED or FAILED; STORY_FINISHED: the story is CANCELLED); ALREADY_EXISTS
+        (IDEMPOTENCY_CONFLICT: `request_id` was used for another re-render of this story).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -383,6 +414,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
             'RetryShot': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryShot,
                     request_deserializer=storyfarm_dot_v1_dot_render__pb2.RetryShotRequest.FromString,
+                    response_serializer=storyfarm_dot_v1_dot_render__pb2.Story.SerializeToString,
+            ),
+            'RerenderShot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerenderShot,
+                    request_deserializer=storyfarm_dot_v1_dot_render__pb2.RerenderShotRequest.FromString,
                     response_serializer=storyfarm_dot_v1_dot_render__pb2.Story.SerializeToString,
             ),
             'ListArtifacts': grpc.unary_unary_rpc_method_handler(
@@ -670,6 +706,33 @@ class RenderService:
             target,
             '/storyfarm.v1.RenderService/RetryShot',
             storyfarm_dot_v1_dot_render__pb2.RetryShotRequest.SerializeToString,
+            storyfarm_dot_v1_dot_render__pb2.Story.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerenderShot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/storyfarm.v1.RenderService/RerenderShot',
+            storyfarm_dot_v1_dot_render__pb2.RerenderShotRequest.SerializeToString,
             storyfarm_dot_v1_dot_render__pb2.Story.FromString,
             options,
             channel_credentials,
