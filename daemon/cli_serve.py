@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 
 def add_serve_parser(sub) -> None:
@@ -33,7 +34,7 @@ def cmd_serve(args, console) -> int:
     if args.print_config:
         console.print(json.dumps(config.redacted_dict(), indent=2, default=str), markup=False, highlight=False)
         return 0
-    from storyfarm.daemon.logs import configure_logging
+    from storyfarm.daemon.logs import LOG_FORMAT_ENV, configure_logging
     from storyfarm.daemon.metrics_http import scrape_address
 
     try:
@@ -42,6 +43,7 @@ def cmd_serve(args, console) -> int:
         console.print(f"error: {exc}", markup=False, highlight=False)
         return 2
     configure_logging(config.log_format, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    os.environ[LOG_FORMAT_ENV] = config.log_format  # spawned workers write the same lines
     from storyfarm.daemon.server import serve
 
     return serve(config)

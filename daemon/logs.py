@@ -6,60 +6,17 @@ is one JSON object with `time` (UTC, ISO 8601), `level`, `logger`, `message`, an
 fields the record carries (`story_id`, `shot_id`, `shot_index`, `attempt_id`, `worker`, `project`,
 passed as `extra=`); an exception adds `exc`. Text lines carry the same context at their end.
 `configure_logging` replaces the root logger's handlers (stderr), so it is called once, by
-`storyfarm serve`, never by code that runs inside tests or other programs.
+`storyfarm serve`, never by code that runs inside tests or other programs. The formats live in
+scheduler/logfmt.py so the worker processes write the same lines.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-import time
 
-CONTEXT = ("story_id", "shot_id", "shot_index", "attempt_id", "worker", "device", "project", "outcome", "reason")
-FORMATS = ("text", "json")
-
-
-def _context(record: logging.LogRecord) -> dict:
-    return {key: getattr(record, key) for key in CONTEXT if getattr(record, key, None) is not None}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_context(record),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        context = _context(record)
-        return line + (" [" + " ".join(f"{k}={v}" for k, v in context.items()) + "]" if context else "")
-
-
-def configure_logging(log_format: str, level: int = logging.INFO, stream=None) -> logging.Handler:
-    """Route the root logger to `stream` (stderr) in `log_format`; returns the handler."""
-    if log_format not in FORMATS:
-        raise ValueError(f"log_format: {log_format!r} is not one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    return handler
+from storyfarm.scheduler.logfmt import (  # noqa: F401 - the daemon's log formats are the workers' too
+    CONTEXT, FORMATS, LOG_FORMAT_ENV, JsonFormatter, TextFormatter, configure_logging,
+)
 
 
 class LogObserver:

@@ -53,15 +53,20 @@ def check_strength(store: JobStore, record: StoryRecord, index: int, edit: ShotE
                       [("strength", "not available for FIFO (long) shots; leave it unset or 1")])
 
 
+def check_shot_index(record: StoryRecord, index: int) -> None:
+    """NOT_FOUND (SHOT_NOT_FOUND, naming `shot_index` and its range) for an index the story lacks."""
+    if not 0 <= index < len(record.shots):
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"story {record.id} has no shot {index} (it has {len(record.shots)})",
+                       "SHOT_NOT_FOUND", fields=[("shot_index", f"0 to {len(record.shots) - 1}")],
+                       resource=("storyfarm.v1.Shot", f"{record.id}/{index}"))
+
+
 def rerender(store: JobStore, record: StoryRecord, index: int, edit: ShotEdit, *, cascade: bool = False,
              request_id: str = "") -> StoryRecord:
     """Queue the take, or refuse with the reason a client can act on."""
     if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
         raise invalid("bad request id", "INVALID_EDIT", [("request_id", f"up to {MAX_REQUEST_ID} printable characters")])
-    if not 0 <= index < len(record.shots):
-        raise RpcError(grpc.StatusCode.NOT_FOUND, f"story {record.id} has no shot {index} (it has {len(record.shots)})",
-                       "SHOT_NOT_FOUND", fields=[("shot_index", f"0 to {len(record.shots) - 1}")],
-                       resource=("storyfarm.v1.Shot", f"{record.id}/{index}"))
+    check_shot_index(record, index)
     try:
         return store.rerender_shot(record.id, index, prompt=edit.prompt, strength=edit.strength, seed=edit.seed,
                                    cascade=cascade, request_id=request_id or None)

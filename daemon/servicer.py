@@ -28,7 +28,7 @@ from storyfarm.daemon.auth import PermissionDenied, current_principal
 from storyfarm.daemon.config import DaemonConfig
 from storyfarm.daemon.errors import RpcError, invalid, not_found, precondition
 from storyfarm.daemon.events import EventHub
-from storyfarm.daemon.rerender import check_edit, check_strength, rerender
+from storyfarm.daemon.rerender import check_edit, check_shot_index, check_strength, rerender
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
 from storyfarm.daemon.submit import check_submit, store_references
@@ -382,6 +382,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             return self._rerender(request.story_id, request.shot_index, check_edit(None, None, seed, self.config.limits.max_prompt_chars))
         if request.HasField("seed"):
             raise invalid("a seed is for a re-render", "INVALID_EDIT", [("seed", "set rerender to render a succeeded shot with another seed")])
+        check_shot_index(self._story(request.story_id), request.shot_index)
         return self._control(request.story_id, lambda sid: self.store.retry_shot(sid, request.shot_index))
 
     @_rpc

@@ -24,6 +24,7 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
+from storyfarm.scheduler.logfmt import LOG_FORMAT_ENV, configure_logging
 from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, Release, ShotTask
 from storyfarm.scheduler.faults import worker_fault
 
@@ -203,6 +204,9 @@ def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, ca
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if visible_devices is not None:  # the GPU group, before anything can initialise CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    if os.environ.get(LOG_FORMAT_ENV):  # set by `storyfarm serve`: the daemon's log format
+        configure_logging(os.environ[LOG_FORMAT_ENV])
+        logging.captureWarnings(True)
     parent = os.getppid()
     group = visible_devices.split(",") if visible_devices else []
     runtime = WorkerRuntime(worker_id, preset_name, device, outbox.put, threads=threads,

@@ -113,6 +113,9 @@ def test_rerender_a_middle_shot_then_cascade(daemon, tmp_path):
     assert "strength" in dict(err.field_violations)
     err = refused(lambda: stub.RerenderShot(pb.RerenderShotRequest(story_id=sid, shot_index=9)))
     assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SHOT_NOT_FOUND")
+    err = refused(lambda: stub.RetryShot(pb.RetryShotRequest(story_id=sid, shot_index=9)))
+    assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SHOT_NOT_FOUND")
+    assert dict(err.field_violations)["shot_index"] == "0 to 3"
 
     # -- from the previous take with a strength, cascading to the later shots ------------------------
     client = StoryfarmClient(f"127.0.0.1:{d.port}")
