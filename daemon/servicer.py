@@ -116,10 +116,14 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         if not story_id:
             raise invalid("story_id is required", "STORY_NOT_FOUND", [("story_id", "a story id such as st_0123456789abcdef")])
         record = self.store.get_story(story_id)
-        if record is None:
+        if record is None or not self._may_see(record.project):  # another project's id reads as unknown
             raise not_found("story", story_id, "STORY_NOT_FOUND")
-        self._project_for(record.project)
         return record
+
+    @staticmethod
+    def _may_see(project: str) -> bool:
+        principal = current_principal()
+        return principal is None or principal.covers(project)
 
     def _story_message(self, record, full=True) -> pb.Story:
         msg = convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
@@ -199,7 +203,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         if summary.total == 0:
             raise not_found("batch", batch_id, "BATCH_NOT_FOUND")
         first = self.store.list_stories(batch_id=batch_id, page_size=1)[0][0]
-        self._project_for(first.project)
+        if not self._may_see(first.project):
+            raise not_found("batch", batch_id, "BATCH_NOT_FOUND")
         batch = pb.Batch(batch_id=batch_id, project=first.project, deadline_time=convert.timestamp(summary.deadline),
                          create_time=convert.timestamp(first.created_at), story_count=summary.total,
                          done=all(summary.counts.get(state, 0) == 0 for state in summary.counts if state not in FINAL))

@@ -70,7 +70,7 @@ def test_roles_and_projects(daemon):
                    TOKENS["other"]) == grpc.StatusCode.PERMISSION_DENIED  # another project's submitter
     story_id = call(channel, "SubmitStory", submit, TOKENS["submitter"]).story_id
     assert call(channel, "GetStory", pb.GetStoryRequest(story_id=story_id), TOKENS["viewer"]).project == "film"
-    assert code_of(channel, "GetStory", pb.GetStoryRequest(story_id=story_id), TOKENS["other"]) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(channel, "GetStory", pb.GetStoryRequest(story_id=story_id), TOKENS["other"]) == grpc.StatusCode.NOT_FOUND
     assert code_of(channel, "CancelStory", pb.CancelStoryRequest(story_id=story_id), TOKENS["viewer"]) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(channel, "Drain", pb.DrainRequest(undrain=True), TOKENS["submitter"]) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(channel, "Drain", pb.DrainRequest(undrain=True), TOKENS["admin"]) == grpc.StatusCode.OK
