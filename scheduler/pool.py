@@ -1,17 +1,21 @@
 """The `mp` executor: spawned render processes on this host, one per device group.
 
 The parent never imports torch: it spawns workers (the `spawn` start method, so no CUDA state is
-ever forked), hands each one task at a time through its own queue, reads every worker's messages
-from one shared queue, and cancels through a per-worker Event the worker checks at every step.
-Supervision (heartbeats, replacement, out of service) is the Executor's.
+ever forked), hands each one task at a time through its own queue, and cancels through a
+per-worker Event the worker checks at every step. Each worker answers on a pipe of its own, never
+on a queue shared with the others: a worker SIGKILLed in the middle of a write would otherwise die
+holding the shared queue's lock and silence every other worker. A pipe has one writer; a torn
+message ends in EOF for that worker alone. Supervision (heartbeats, replacement, out of service)
+is the Executor's.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
+import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 
 from storyfarm.scheduler.executor import DeviceGroup, Executor, WorkerHandle
 from storyfarm.scheduler.messages import ShotTask
@@ -23,6 +27,7 @@ class _Process:
     process: object
     inbox: object
     cancel: object
+    replies: object  # the read end of the worker's own pipe
 
 
 class WorkerPool(Executor):
@@ -33,18 +38,19 @@ class WorkerPool(Executor):
         super().__init__(preset, groups, **kwargs)
         self.threads = self.threads or max(1, (os.cpu_count() or 1) // len(groups))
         self._ctx = mp.get_context("spawn")
-        self.outbox = self._ctx.Queue()
 
     def _launch(self, handle: WorkerHandle) -> None:
         inbox, cancel = self._ctx.Queue(), self._ctx.Event()
+        replies, writer = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=worker_main, name=f"storyfarm-worker-{handle.id}",
-            args=(handle.id, self.preset, handle.group.device, inbox, self.outbox, cancel, self.threads,
+            args=(handle.id, self.preset, handle.group.device, inbox, writer, cancel, self.threads,
                   self.expert_placement, handle.group.visible),
             daemon=True,
         )
         process.start()
-        handle.runtime = _Process(process, inbox, cancel)
+        writer.close()  # the worker holds the only write end: its death reads as EOF here
+        handle.runtime = _Process(process, inbox, cancel, replies)
 
     def _send(self, handle: WorkerHandle, message) -> None:
         if isinstance(message, ShotTask):  # a fresh task starts uncancelled
@@ -62,6 +68,7 @@ class WorkerPool(Executor):
         if process.is_alive():
             process.kill()
         process.join(timeout=10)
+        handle.runtime.replies.close()  # whatever it had half-written goes with it
         return not process.is_alive()
 
     def _exit_info(self, handle: WorkerHandle) -> str:
@@ -69,11 +76,15 @@ class WorkerPool(Executor):
         return f" (pid {process.pid}, exit code {process.exitcode})"
 
     def _receive(self, timeout: float) -> list:
+        pipes = {h.runtime.replies: h for h in self.workers.values()
+                 if h.runtime is not None and not h.runtime.replies.closed}
         out = []
-        try:
-            out.append(self.outbox.get(timeout=timeout))
-            while True:
-                out.append(self.outbox.get_nowait())
-        except queue.Empty:
-            pass
+        for pipe in wait(list(pipes), timeout=timeout) if pipes else ():
+            try:
+                while pipe.poll():
+                    out.append(pipe.recv())
+            except (EOFError, OSError):  # the worker died (mid-message, maybe): supervise() replaces it
+                pipe.close()
+        if not pipes:
+            time.sleep(timeout)
         return out

@@ -197,6 +197,7 @@ def _next_message(inbox, parent: int):
 def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, cancel, threads: int | None = None,
                 expert_placement: str = "both", visible_devices: str | None = None) -> None:
     """Process entry point (spawned): load, say Ready, serve tasks until a None message arrives.
+    `outbox` is the write end of this worker's own pipe to the daemon.
 
     SIGINT/SIGTERM are ignored: a Ctrl-C or a service manager signals the whole process group, and
     stopping workers is the daemon's job (it lets the running shot finish within its grace)."""
@@ -209,13 +210,13 @@ def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, ca
         logging.captureWarnings(True)
     parent = os.getppid()
     group = visible_devices.split(",") if visible_devices else []
-    runtime = WorkerRuntime(worker_id, preset_name, device, outbox.put, threads=threads,
+    runtime = WorkerRuntime(worker_id, preset_name, device, outbox.send, threads=threads,
                             expert_placement=expert_placement,
                             extra_devices=tuple(f"cuda:{i}" for i in range(1, len(group))))
     try:
-        outbox.put(runtime.load())
+        outbox.send(runtime.load())
     except BaseException as exc:  # noqa: BLE001 - report every start failure to the parent
-        outbox.put(Failed(worker_id, None, f"worker failed to start: {exc!r}", fatal=True, reason="start_failed"))
+        outbox.send(Failed(worker_id, None, f"worker failed to start: {exc!r}", fatal=True, reason="start_failed"))
         return
     while True:
         message = _next_message(inbox, parent)
@@ -226,6 +227,6 @@ def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, ca
             continue
         cancel.clear()
         result = runtime.run(message, cancel)
-        outbox.put(result)
+        outbox.send(result)
         if isinstance(result, Failed) and result.fatal:
             return
