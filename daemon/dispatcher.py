@@ -21,7 +21,7 @@ from storyfarm.daemon.artifacts import ArtifactStore
 from storyfarm.daemon.events import EventHub
 from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.store import JobStore
-from storyfarm.daemon.store_records import ArtifactIn, StateError
+from storyfarm.daemon.store_records import FINAL, ArtifactIn, StateError
 from storyfarm.m2v.video import sha256_file
 from storyfarm.scheduler.executor import Executor
 from storyfarm.scheduler.faults import crash_point
@@ -32,7 +32,6 @@ from storyfarm.scheduler.simulate import project_finish
 log = logging.getLogger(__name__)
 
 STORY_LEVEL = {"story.mp4": "story_video", "contact_sheet.png": "contact_sheet", "manifest.json": "manifest"}
-FINAL_STATES = ("succeeded", "failed", "cancelled")
 OOM_PREFIX = "out_of_memory"
 ETA_EVERY_S = 10.0
 
@@ -61,6 +60,7 @@ class Dispatcher(threading.Thread):
         self._running: dict[str, dict] = {}  # attempt id -> project, priority, started, estimate, worker
         self._holders: dict[str, tuple[str, int]] = {}  # story id -> (worker id, generation) holding its memory
         self._etas: dict[str, float] = {}  # story id -> expected finish (unix time)
+        self._batch_etas: dict[str, float] = {}  # batch id -> its latest story's expected finish
         self._eta_at = 0.0
         self._seq = store.last_event_seq()  # story ends after this are followed (not history)
         self._lock = threading.Lock()  # guards what farm_snapshot reads from other threads
@@ -154,7 +154,7 @@ class Dispatcher(threading.Thread):
             events = self.store.events_since(None, self._seq, limit=500)
             for event in events:
                 self._seq = event.seq
-                if event.kind == "story_state" and event.payload.get("to") in FINAL_STATES:
+                if event.kind == "story_state" and event.payload.get("to") in FINAL:
                     story = self.store.get_story(event.story_id)
                     if story is not None:
                         self._story_ended(story)
@@ -288,21 +288,32 @@ class Dispatcher(threading.Thread):
         self._eta_at = now
         work = self.store.unfinished_work()
         if not work:
-            self._etas = {}
+            self._etas, self._batch_etas = {}, {}
             return
         sched = self._scheduler(work, now)
         for row in work:  # paused stories still count toward their batch, as if resumed now
             if row["state"] == "paused":
                 sched.hold(row["id"], False)
-        self._etas = project_finish(sched, self.cost, None, self.policy.expert_placement == "pipeline", now)
+        etas = project_finish(sched, self.cost, self.policy.expert_placement == "pipeline", now)
+        batches: dict[str, float] = {}
+        for row in work:
+            if row["batch_id"] and row["id"] in etas:
+                batches[row["batch_id"]] = max(batches.get(row["batch_id"], 0.0), etas[row["id"]])
+        self._etas, self._batch_etas = etas, batches
 
     # -- views -----------------------------------------------------------------------------------
     def eta(self, story_id: str) -> float | None:
         """Expected finish of an unfinished story (unix time); None until the next projection,
-        which a miss brings forward to the next turn."""
-        eta = self._etas.get(story_id)
+        which a miss brings forward (at most one projection a second, however often it is asked)."""
+        return self._known(self._etas.get(story_id))
+
+    def batch_eta(self, batch_id: str) -> float | None:
+        """Expected finish of a batch's last unfinished story (unix time), as for `eta`."""
+        return self._known(self._batch_etas.get(batch_id))
+
+    def _known(self, eta: float | None) -> float | None:
         if eta is None:
-            self._eta_at = 0.0
+            self._eta_at = min(self._eta_at, time.time() - ETA_EVERY_S + 1.0)
         return eta
 
     def farm_snapshot(self) -> dict:
@@ -316,11 +327,8 @@ class Dispatcher(threading.Thread):
         for name in sorted(set(used) | set(self.policy.projects)):
             quota = self.policy.quota(name)
             projects[name] = {"running": used.get(name, 0), "guaranteed": quota.guaranteed, "burst": quota.burst}
-        etas = dict(self._etas)
-        batches = []
-        for batch_id, _open, deadline in self.store.open_batches():
-            ids = self.store.batch_story_ids(batch_id)
-            known = [etas[s] for s in ids if s in etas]
-            batches.append({"batch_id": batch_id, "deadline": deadline, "eta": max(known) if known else None})
+        etas = self._batch_etas
+        batches = [{"batch_id": batch_id, "deadline": deadline, "eta": etas.get(batch_id)}
+                   for batch_id, _open, deadline in self.store.open_batches()]
         return {"workers": self.pool.snapshot(), "projects": projects, "batches": batches,
                 "cost_base_s": self.cost.base_s}

@@ -95,6 +95,12 @@ def _rpc(handler):
     return stream if inspect.isgeneratorfunction(handler) else unary
 
 
+def _set_eta(field, eta: float | None) -> None:
+    """The scheduler's expected finish (unix time) as a Duration from now; left unset when unknown."""
+    if eta is not None:
+        field.FromMilliseconds(max(0, int((eta - time.time()) * 1000)))
+
+
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     def __init__(self, config: DaemonConfig, preset: Preset, store: JobStore, artifacts: ArtifactStore,
                  hub: EventHub, dispatcher=None, heartbeat_s: float = 5.0, metrics=None):
@@ -127,16 +133,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     def _story_message(self, record, full=True) -> pb.Story:
         msg = convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
-        self._set_eta(msg.eta, [record.id] if record.state not in FINAL else [])
+        if self.dispatcher is not None and record.state not in FINAL:
+            _set_eta(msg.eta, self.dispatcher.eta(record.id))
         return msg
-
-    def _set_eta(self, field, story_ids) -> None:
-        """The scheduler's expected finish (the latest of `story_ids`), as a duration from now."""
-        if self.dispatcher is None or not story_ids:
-            return
-        etas = [self.dispatcher.eta(story_id) for story_id in story_ids]
-        if etas and all(e is not None for e in etas):
-            field.FromMilliseconds(max(0, int((max(etas) - time.time()) * 1000)))
 
     # -- submit --------------------------------------------------------------------------------
     def _check(self, request, project: str, prefix: str = ""):
@@ -211,17 +210,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         for state, count in summary.counts.items():
             if count:
                 batch.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
-        if not batch.done:
-            self._set_eta(batch.eta, [r.id for r in self._unfinished_batch_stories(batch_id)])
+        if self.dispatcher is not None and not batch.done:
+            _set_eta(batch.eta, self.dispatcher.batch_eta(batch_id))
         return batch
-
-    def _unfinished_batch_stories(self, batch_id: str) -> list:
-        out, token = [], None
-        while True:
-            records, token = self.store.list_stories(batch_id=batch_id, page_size=500, page_token=token)
-            out += [r for r in records if r.state not in FINAL]
-            if not token:
-                return out
 
     @_rpc
     def SubmitBatch(self, request, context):

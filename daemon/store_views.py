@@ -106,8 +106,3 @@ class QueueViews:
                 f"SELECT batch_id, SUM(state NOT IN ({final})) AS open, MIN(deadline) AS deadline FROM stories"
                 " WHERE batch_id IS NOT NULL GROUP BY batch_id HAVING open > 0 ORDER BY batch_id", sorted(FINAL)).fetchall()
         return [(r["batch_id"], r["open"], r["deadline"]) for r in rows]
-
-    def batch_story_ids(self, batch_id: str) -> list[str]:
-        with self._read() as tx:
-            return [r["id"] for r in tx.db.execute("SELECT id FROM stories WHERE batch_id = ? ORDER BY created_at, id",
-                                                   (batch_id,))]

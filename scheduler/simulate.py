@@ -104,7 +104,7 @@ def simulate(config: SimConfig) -> SimReport:
     for i, story_id in enumerate(ids):
         sched.add_story(StoryWork(story_id, priority=i % config.priorities, deadline=deadline,
                                   submitted_at=i * 1e-6, total_shots=config.shots_per_story))
-    eta = project_finish(sched, cost, config.shots_per_story, pipeline, now=0.0)
+    eta = project_finish(sched, cost, pipeline, now=0.0)
 
     events: list[tuple] = []  # (time, seq, kind, payload)
     seq = 0
@@ -169,8 +169,7 @@ def simulate(config: SimConfig) -> SimReport:
         if not events or events[0][0] > now:
             start(now)
     makespan = now
-    gpu_s = busy_s  # GPU-seconds of work (pipeline: each half of a shot on its own GPU)
-    bound = max(gpu_s / config.gpus, max(chain_s.values()))
+    bound = max(busy_s / config.gpus, max(chain_s.values()))
     placed = placements["affinity"] + placements["moved"]
     errors = [abs(finished_at[s] - eta[s]) for s in finished_at]
     rel = [abs(finished_at[s] - eta[s]) / finished_at[s] for s in finished_at if finished_at[s] > 0]
@@ -178,7 +177,7 @@ def simulate(config: SimConfig) -> SimReport:
     return SimReport(
         makespan_s=round(makespan, 3), lower_bound_s=round(bound, 3),
         makespan_over_bound=round(makespan / bound, 5) if bound else 1.0,
-        gpu_utilisation=round(gpu_s / (config.gpus * makespan), 5) if makespan else 0.0,
+        gpu_utilisation=round(busy_s / (config.gpus * makespan), 5) if makespan else 0.0,
         affinity_hit_rate=round(placements["affinity"] / placed, 5) if placed else 1.0,
         placements=placements, shots_run=shots_run, failed_attempts=failed_attempts, stories_finished=len(finished_at),
         failed_stories=failed_stories, deadline_hits=hits,
@@ -190,7 +189,7 @@ def simulate(config: SimConfig) -> SimReport:
     )
 
 
-def project_finish(sched: Scheduler, cost: CostModel, shots: int | None, pipeline: bool, now: float) -> dict[str, float]:
+def project_finish(sched: Scheduler, cost: CostModel, pipeline: bool, now: float) -> dict[str, float]:
     """Each story's expected finish time: the scheduler's own state played forward with the cost
     model's times (no jitter, no failures). `sched` is not changed. The daemon's ETAs come from here."""
     import copy

@@ -53,7 +53,7 @@ def test_eta_accounts_for_memory_growth():
     sched.add_worker("w0")
     sched.add_story(StoryWork("a", total_shots=4))
     sched.add_story(StoryWork("b", total_shots=2, submitted_at=1))
-    eta = project_finish(sched, cost, None, False, now=100.0)
+    eta = project_finish(sched, cost, False, now=100.0)
     a = 10 + 11 + 12 + 13
     assert eta == pytest.approx({"a": 100 + a, "b": 100 + a + 10 + 11})
     assert sched.schedule(0).assignments  # the projection left the scheduler untouched
