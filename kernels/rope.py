@@ -9,6 +9,8 @@ bitwise equal to diffusers' table (tested), and apply them in real arithmetic (n
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -82,15 +84,24 @@ def triton_prologue():
     return norm_rope_qk
 
 
+def triton_interpreted() -> bool:
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1): its kernels run on CPU tensors, slowly,
+    which is how CI checks the fused kernel and its wiring without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def prologue_uses_triton(choice: str, device: torch.device) -> bool:
     """Whether the attention prologue runs the Triton kernel: `auto` on CUDA in eager mode (under
-    torch.compile inductor fuses the torch ops itself), `triton` always, `torch` never."""
+    torch.compile inductor fuses the torch ops itself), `triton` always, `torch` never. `triton`
+    on the CPU is allowed only under Triton's interpreter (tests, debugging); `auto` never picks it."""
     if choice == "torch":
         return False
     if choice == "triton":
-        if device.type != "cuda" or triton_prologue() is None:
-            raise ValueError(f"rope: 'triton' needs a CUDA device and the triton package (device {device}, "
-                             f"triton importable: {triton_prologue() is not None}); allowed: auto, torch, triton")
+        runs_here = device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+        if not runs_here or triton_prologue() is None:
+            raise ValueError(f"rope: 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU) and the triton "
+                             f"package (device {device}, triton importable: {triton_prologue() is not None}); "
+                             "allowed: auto, torch, triton")
         return True
     if choice != "auto":
         raise ValueError(f"rope: {choice!r} is not a RoPE kernel; allowed: auto, torch, triton")

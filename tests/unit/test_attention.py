@@ -171,7 +171,7 @@ def test_per_frame_timesteps_equal_stock_per_token_without_per_token_embeddings(
 def test_rope_prologue_choice():
     assert not prologue_uses_triton("auto", torch.device("cpu"))
     assert not prologue_uses_triton("torch", torch.device("cpu"))
-    with pytest.raises(ValueError, match="'triton' needs a CUDA device and the triton package"):
+    with pytest.raises(ValueError, match=r"'triton' needs a CUDA device \(or TRITON_INTERPRET=1 on CPU\)"):
         prologue_uses_triton("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
         prologue_uses_triton("cuda", torch.device("cpu"))
@@ -205,12 +205,41 @@ norm = lambda x, w: torch.nn.functional.rms_norm(x, (heads * d,), w, 1e-6).unfla
 got_q, got_k = norm_rope_qk(q, k, w_q, w_k, 1e-6, cos, sin, heads)
 torch.testing.assert_close(got_q, apply_rotary(norm(q, w_q), cos, sin), atol=1e-5, rtol=1e-5)
 torch.testing.assert_close(got_k, apply_rotary(norm(k, w_k), cos, sin), atol=1e-5, rtol=1e-5)
+
+# the processor's wiring: a whole M2V expert with the fused prologue equals the torch prologue
+import copy
+from diffusers import WanTransformer3DModel
+from storyfarm.kernels.rope import prologue_uses_triton
+from storyfarm.m2v.preset import load_preset
+from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.transformer import M2VExpert
+assert prologue_uses_triton("triton", torch.device("cpu")) and not prologue_uses_triton("auto", torch.device("cpu"))
+torch.manual_seed(0)
+model = WanTransformer3DModel(**load_preset("tiny").architecture.transformer).eval()
+fused, plain = M2VExpert(copy.deepcopy(model), "high_noise", rope="triton"), M2VExpert(model, "high_noise", rope="torch")
+g = torch.Generator().manual_seed(1)
+memory, frames = 2, 2
+latents, cond = torch.randn(2, 16, memory + frames, 4, 6, generator=g), torch.randn(1, 20, memory + frames, 4, 6, generator=g)
+args = (latents, torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32, generator=g), memory_time_positions(memory, frames), cond)
+calls = []
+import storyfarm.kernels.triton_rope as kernel
+original = kernel._norm_rope_qk_kernel
+class Counting:
+    def __getitem__(self, grid):
+        calls.append(grid)
+        return original[grid]
+kernel._norm_rope_qk_kernel = Counting()
+got = fused(*args)
+kernel._norm_rope_qk_kernel = original
+assert len(calls) == len(model.blocks), calls  # one fused prologue per self-attention, none for cross
+torch.testing.assert_close(got, plain(*args), atol=1e-5, rtol=1e-4)
 """
 
 
 def test_triton_prologue_in_the_triton_interpreter():
-    """The fused RMSNorm+RoPE kernel's arithmetic, run by Triton's CPU interpreter (needs the
-    triton package; tests/gpu runs it compiled on CUDA)."""
+    """The fused RMSNorm+RoPE kernel's arithmetic and its wiring into the attention processor, run
+    by Triton's CPU interpreter (the dev extra installs triton on Linux x86-64; tests/gpu runs the
+    kernel compiled on CUDA)."""
     import importlib.util
     import os
     import subprocess
