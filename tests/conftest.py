@@ -30,6 +30,18 @@ def stbench() -> Path:
     return STBENCH
 
 
+@pytest.fixture
+def default_attention():
+    """The process-default attention backend and a clean record of the backends that ran (the
+    registry is process-global); kernel test modules use it on every test."""
+    from storyfarm.kernels import attention
+
+    attention.configure("auto")
+    attention.reset_record()
+    yield
+    attention.configure("auto")
+
+
 @pytest.fixture(scope="session")
 def tiny_preset():
     from storyfarm.m2v.preset import load_preset

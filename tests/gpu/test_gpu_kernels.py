@@ -11,27 +11,20 @@ from storyfarm.kernels import attention
 from storyfarm.m2v.preset import load_preset
 from storyfarm.m2v.rope import memory_time_positions
 from storyfarm.m2v.transformer import M2VExpert
+from helpers.models import tiny_wan as shared_tiny_wan
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("default_attention")]
 
 CUDA = torch.device("cuda")
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=5e-3, rtol=5e-3),
              torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-@pytest.fixture(autouse=True)
-def default_backend():
-    attention.configure("auto")
-    attention.reset_record()
-    yield
-    attention.configure("auto")
 
 
 def tiny_wan(seed=0, device=CUDA, dtype=torch.float32):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(**load_preset("tiny").architecture.transformer).eval().to(device, dtype)
+    return shared_tiny_wan(seed, device, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

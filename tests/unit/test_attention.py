@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,23 +13,12 @@ from storyfarm.kernels.rope import prologue_uses_triton
 from storyfarm.m2v.frame_timesteps import wan_forward
 from storyfarm.m2v.rope import memory_time_positions
 from storyfarm.m2v.transformer import M2VExpert, StoryAttnProcessor
+from helpers.models import tiny_wan
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-@pytest.fixture(autouse=True)
-def default_backend():
-    attention.configure("auto")
-    attention.reset_record()
-    yield
-    attention.configure("auto")
-
-
-def tiny_wan(seed=0, **over):
-    from storyfarm.m2v.preset import load_preset
-
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(**{**load_preset("tiny").architecture.transformer, **over}).eval()
+pytestmark = pytest.mark.usefixtures("default_attention")
 
 
 def reference(q, k, v):

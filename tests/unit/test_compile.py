@@ -11,7 +11,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 from peft import LoraConfig, inject_adapter_in_model
 
 from storyfarm.kernels import attention
@@ -22,17 +21,10 @@ from storyfarm.m2v.preset import PresetError, load_preset
 from storyfarm.m2v.rope import memory_time_positions
 from storyfarm.m2v.sampler import SamplerSettings
 from storyfarm.m2v.transformer import M2VExpert
+from helpers.models import tiny_wan
 
 
-@pytest.fixture(autouse=True)
-def default_backend():
-    yield
-    attention.configure("auto")
-
-
-def tiny_wan(seed=0):
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(**load_preset("tiny").architecture.transformer).eval()
+pytestmark = pytest.mark.usefixtures("default_attention")
 
 
 def inputs(memory, frames=4, batch=2, seed=0):

@@ -5,23 +5,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 from storyfarm.kernels import attention
 from storyfarm.kernels.rope import grid_cos_sin
 from storyfarm.m2v.export import (INPUT_NAMES, ExportShape, build_tensorrt_engine, check_onnx, example_inputs,
                                   export_onnx, tensorrt_unavailable_reason)
-from storyfarm.m2v.preset import load_preset
 from storyfarm.m2v.rope import memory_time_positions
 from storyfarm.m2v.transformer import M2VExpert
+from helpers.models import tiny_wan
 
 SHAPE = ExportShape(batch=2, memory=2, frames=3, height=4, width=8, text_len=16)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    expert = M2VExpert(WanTransformer3DModel(**load_preset("tiny").architecture.transformer).eval(), "high_noise")
+    expert = M2VExpert(tiny_wan(0), "high_noise")
     path = export_onnx(expert.model, tmp_path_factory.mktemp("onnx") / "expert.onnx", SHAPE)
     return expert, path
 
@@ -55,7 +53,7 @@ def test_memory_positions_are_inputs_of_the_exported_graph(exported):
 
 def test_a_wrong_onnx_file_fails_the_check(exported, tmp_path):
     expert, path = exported
-    other = M2VExpert(WanTransformer3DModel(**load_preset("tiny").architecture.transformer).eval(), "other")
+    other = M2VExpert(tiny_wan(1), "other")
     with pytest.raises(AssertionError, match="max abs error .* exceeds atol"):
         check_onnx(other.model, path, SHAPE)
 
