@@ -93,7 +93,7 @@ def random_wan(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     with torch.device("meta"):
-        model = WanTransformer3DModel(**config)
+        model = WanTransformer3DModel(**config).to(dtype)  # materialised in `dtype`: no fp32 copy of 14B
     model = model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -107,9 +107,7 @@ def random_wan(config: dict, device: torch.device, dtype: torch.dtype, seed: int
             else:
                 fan_in = p[0].numel()
                 p.normal_(0.0, fan_in**-0.5, generator=g)
-    model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"]).to(device)
-    # diffusers keeps these in float32 (norms, time embedder, modulation tables)
-    model = model.to(dtype)
+    # diffusers keeps these in float32 (rotary tables, norms, time embedder, modulation tables)
     for name in ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"):
         for module_name, module in model.named_modules():
             if module_name.endswith(name):
@@ -117,6 +115,7 @@ def random_wan(config: dict, device: torch.device, dtype: torch.dtype, seed: int
         for param_name, p in model.named_parameters():
             if param_name.endswith(name):
                 p.data = p.data.float()
+    model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"]).to(device)
     return model.eval()
 
 

@@ -31,7 +31,6 @@ For a CPU smoke run of the code paths: `--device cpu --config mid --frames 5 --h
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import time
 
@@ -262,14 +261,27 @@ class Bench:
         latents, cond, text, _ = self.inputs(memory)
         steps = self.args.shot_steps
         settings = SamplerSettings(steps=steps)
+        gemm, attn = self.floor_rates()
+        step_floor = floor_seconds(self.flops(memory), gemm, attn)
         reset_peak(self.device)
         start = time.perf_counter()
+
+        def progress(step, total, timestep, expert_name):
+            # every 5 steps the JSON holds the shot so far: a run stopped at its time limit keeps them
+            if step % 5 == 0 and step < total:
+                sync(self.device)
+                elapsed = time.perf_counter() - start
+                self.result["shot_progress"] = {"memory": memory, "steps_done": step, "steps": total,
+                                                "seconds": round(elapsed, 2),
+                                                "percent_of_floor": round(100 * step * step_floor / elapsed, 1)}
+                write_result("gpu-expert", self.result, self.args.out)
+
         denoise((expert, expert), latents[:1], text[:1], text[1:], memory_time_positions(memory, self.frames), settings,
-                conditioning=cond)
+                conditioning=cond, on_step=progress)
         sync(self.device)
         seconds = time.perf_counter() - start
-        gemm, attn = self.floor_rates()
-        floor = steps * floor_seconds(self.flops(memory), gemm, attn)
+        self.result.pop("shot_progress", None)
+        floor = steps * step_floor
         self.result["shot"] = {"memory": memory, "steps": steps, "seconds": round(seconds, 2),
                                "seconds_per_step": round(seconds / steps, 3), "floor_seconds": round(floor, 2),
                                "percent_of_floor": round(100 * floor / seconds, 1), "peak_gib": peak_gib(self.device)}

@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from storyfarm.kernels.catalog import APPROXIMATE_ATTENTION, EXACT_ATTENTION, check_attention_choice
 
 MATH_SCORE_LIMIT_BYTES = 1 << 30
+CUDNN_ATTENTION_MIN_EXCLUSIVE = 91500  # torch.backends.cudnn.version() of cuDNN 9.15.0
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float32, *HALF)
 
@@ -152,8 +153,14 @@ class Backend:
             return None
         if self.name == "sdpa_flash" and not torch.backends.cuda.is_flash_attention_available():
             return "this torch build has no flash attention kernel"
-        if self.name == "sdpa_cudnn" and not torch.backends.cudnn.is_available():
-            return "cuDNN is not available"
+        if self.name == "sdpa_cudnn":
+            if not torch.backends.cudnn.is_available():
+                return "cuDNN is not available"
+            version = torch.backends.cudnn.version() or 0
+            if version <= CUDNN_ATTENTION_MIN_EXCLUSIVE:
+                return (f"needs cuDNN newer than 9.15.0, found {version} (older releases read out of bounds at "
+                        "sequence lengths that are not multiples of 128, pytorch#169849; torch itself prefers "
+                        "cuDNN attention only above 9.15.0)")
         return None
 
 

@@ -68,11 +68,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (x1*c - x2*s, x1*s + x2*c), so bitwise equal to it, in fewer full-size passes over x.
     """
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) per pair
-    signed_sin = sin.unflatten(-1, (-1, 2)) * _PAIR_SIGN.to(sin.device, sin.dtype)
+    pairs = sin.unflatten(-1, (-1, 2))
+    signed_sin = torch.stack((-pairs[..., 0], pairs[..., 1]), dim=-1)  # (-s, +s): exact, no host constant
     return (x * cos + swapped * signed_sin.flatten(-2)).type_as(x)
-
-
-_PAIR_SIGN = torch.tensor([-1.0, 1.0])
 
 
 def triton_prologue():

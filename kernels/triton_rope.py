@@ -12,6 +12,8 @@ Only imported where `triton` imports; everything here is optional and detected a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -74,10 +76,12 @@ def norm_rope_qk(
     sin = sin.reshape(seq, head_dim).float().contiguous()
     query, key = query.contiguous(), key.contiguous()
     q_out, k_out = torch.empty_like(query), torch.empty_like(key)
-    _norm_rope_qk_kernel[(batch * seq,)](
-        query, key, q_out, k_out, weight_q.contiguous(), weight_k.contiguous(), cos, sin, seq, float(eps),
-        WIDTH=width, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_P=triton.next_power_of_2(head_dim // 2),
-        num_warps=8 if width >= 2048 else 4,
-    )
+    # Triton launches on the current device: a FIFO window replica on cuda:1 must make it current
+    with torch.cuda.device(query.device) if query.device.type == "cuda" else contextlib.nullcontext():
+        _norm_rope_qk_kernel[(batch * seq,)](
+            query, key, q_out, k_out, weight_q.contiguous(), weight_k.contiguous(), cos, sin, seq, float(eps),
+            WIDTH=width, HEAD_DIM=head_dim,
+            BLOCK_H=triton.next_power_of_2(heads), BLOCK_P=triton.next_power_of_2(head_dim // 2),
+            num_warps=8 if width >= 2048 else 4,
+        )
     return q_out.unflatten(2, (heads, head_dim)), k_out.unflatten(2, (heads, head_dim))

@@ -47,12 +47,22 @@ def fp8_unavailable_reason(device: str | torch.device) -> str | None:
 
 
 def quantize_expert_fp8(model: torch.nn.Module, device: str | torch.device) -> int:
-    """Quantise `model`'s block linears to FP8 in place; returns how many layers were converted."""
+    """Quantise `model`'s block linears to FP8 in place; returns how many layers now hold FP8
+    weights, counted after the fact (torchao leaves a weight it cannot convert as it was, silently),
+    and fails when none do."""
     reason = fp8_unavailable_reason(device)
     if reason is not None:
         raise ValueError(f"runtime.fp8: {reason}")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
 
-    count = sum(1 for name, m in model.named_modules() if fp8_layer_filter(m, name))
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer_filter)
-    return count
+    wanted = sum(1 for name, m in model.named_modules() if fp8_layer_filter(m, name))
+    # set_inductor_config=False: torchao would otherwise change inductor's settings process-wide
+    # (coordinate-descent tuning), making every later compile of the worker much slower
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(model, config, filter_fn=fp8_layer_filter)
+    converted = sum(1 for name, m in model.named_modules()
+                    if fp8_layer_filter(m, name) and isinstance(m.weight, Float8Tensor))
+    if converted == 0 and wanted:
+        raise ValueError(f"runtime.fp8: torchao converted none of the {wanted} block linears (weights must be "
+                         f"bfloat16 with dims that FP8 GEMMs take); got {next(model.parameters()).dtype}")
+    return converted

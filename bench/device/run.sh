@@ -10,7 +10,9 @@
 #   tests        pytest -m gpu tests/gpu (junit XML and log)
 #   expert       bench/gpu_expert.py gemm,attention,stock,expert at M = 0,3,5,10
 #   compile-fp8  bench/gpu_expert.py gemm,attention,compile,fp8 at M = 5
-#   vae-shot     bench/gpu_expert.py vae,shot (a 40-step shot at M = 5)
+#   vae          bench/gpu_expert.py vae (81 frames at 832x480, untiled and tiled)
+#   shot         bench/gpu_expert.py shot (a whole 40-step CFG shot at M = 5: about 190 PFLOP,
+#                5-8 minutes; run it alone)
 # A stage that fails still leaves its log; the script exits non-zero if any stage failed.
 set -uo pipefail
 out=${OUT:-out/device}
@@ -19,14 +21,14 @@ site=/tmp/site
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
+# The wheels once per machine; the project on every call (a warm machine must run this tree's code).
 install() {
-  if [ ! -f "$site/.storyfarm-installed" ]; then
+  if [ ! -f "$site/.wheels-installed" ]; then
     ls .whl/*.whl > /dev/null 2>&1 || { echo "no wheels in .whl/: run bench/device/fetch-wheels.sh here and carry .whl" >&2; return 1; }
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || return 1
-    PYTHONPATH="$site" "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$site" . || return 1
-    touch "$site/.storyfarm-installed"
+    touch "$site/.wheels-installed"
   fi
-  export PYTHONPATH="$site"
+  PYTHONPATH="$site" "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$site" . || return 1
 }
 
 device_tag() {
@@ -43,13 +45,15 @@ stage() {
       "$python" - <<'EOF'
 import importlib, torch
 from storyfarm.kernels import attention
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 for name in ("triton", "diffusers", "transformers", "peft", "torchao", "grpc", "av", "pydantic"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # report, keep going
         print(name, "MISSING", exc)
-print("attention backends", attention.available_backends(torch.device("cuda"), torch.bfloat16, 128))
+print("attention backends", attention.available_backends(torch.device("cuda"), torch.bfloat16, 128),
+      "auto:", attention.resolve("auto", torch.device("cuda"), torch.bfloat16, 128))
 EOF
       ;;
     tests)
@@ -58,10 +62,12 @@ EOF
       "$python" bench/gpu_expert.py --parts gemm,attention,stock,expert --out "$out/gpu-expert-$tag-$day.json" ;;
     compile-fp8)
       "$python" bench/gpu_expert.py --parts gemm,attention,compile,fp8 --memory 5 --out "$out/gpu-compile-fp8-$tag-$day.json" ;;
-    vae-shot)
-      "$python" bench/gpu_expert.py --parts vae,shot --shot-steps 40 --memory 5 --out "$out/gpu-vae-shot-$tag-$day.json" ;;
+    vae)
+      "$python" bench/gpu_expert.py --parts vae --out "$out/gpu-vae-$tag-$day.json" ;;
+    shot)
+      "$python" bench/gpu_expert.py --parts gemm,attention,shot --shot-steps 40 --memory 5 --out "$out/gpu-shot-$tag-$day.json" ;;
     *)
-      echo "unknown stage '$name'; allowed: check, tests, expert, compile-fp8, vae-shot" >&2; return 2 ;;
+      echo "unknown stage '$name'; allowed: check, tests, expert, compile-fp8, vae, shot" >&2; return 2 ;;
   esac
 }
 

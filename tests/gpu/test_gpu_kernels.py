@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 CUDA = torch.device("cuda")
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float16: dict(atol=5e-3, rtol=5e-3),
-             torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+             torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}  # bf16 kernels measure <= 3.3e-3 on CPU
+# a whole compiled expert against eager: inductor reorders and fuses the bf16 roundings of 2 blocks
+COMPILED_TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
 
@@ -106,12 +108,12 @@ def test_inductor_compiled_expert_matches_eager(dtype):
         args = (torch.randn(2, 16, memory + 5, 12, 20, generator=g).to(CUDA), torch.full((2,), 700.0, device=CUDA),
                 torch.randn(2, 512, 32, generator=g).to(CUDA), memory_time_positions(memory, 5),
                 torch.randn(1, 20, memory + 5, 12, 20, generator=g).to(CUDA))
-        torch.testing.assert_close(compiled(*args), eager(*args), **TOLERANCE[dtype])
+        torch.testing.assert_close(compiled(*args), eager(*args), **COMPILED_TOLERANCE[dtype])
     assert regions.stats.compiles <= 2 and regions.stats.eager_fallbacks == 0
 
 
 def test_fp8_weights_stay_close_to_bf16():
-    from storyfarm.m2v.fp8 import fp8_unavailable_reason, quantize_expert_fp8
+    from storyfarm.m2v.fp8 import fp8_layer_filter, fp8_unavailable_reason, quantize_expert_fp8
 
     reason = fp8_unavailable_reason(CUDA)
     if reason is not None:
@@ -122,9 +124,11 @@ def test_fp8_weights_stay_close_to_bf16():
             torch.randn(2, 512, 32, generator=g).to(CUDA), memory_time_positions(0, 5),
             torch.randn(1, 20, 5, 12, 20, generator=g).to(CUDA))
     bf16 = expert(*args)
-    assert quantize_expert_fp8(expert.model, CUDA) > 0
+    wanted = sum(1 for name, m in expert.model.named_modules() if fp8_layer_filter(m, name))
+    assert quantize_expert_fp8(expert.model, CUDA) == wanted > 0  # counted from the converted weights
     fp8 = expert(*args)
-    assert ((fp8 - bf16).norm() / bf16.norm()).item() < 0.1
+    error = ((fp8 - bf16).norm() / bf16.norm()).item()
+    assert 0 < error < 0.1  # a no-op quantisation (error 0) fails too
 
 
 def test_tensorrt_engine_builds_from_the_onnx_export(tmp_path):
@@ -148,7 +152,7 @@ def test_vae_bf16_tiled_decode_on_cuda_is_close_to_untiled():
     vae = VideoVAE(AutoencoderKLWan(**load_preset("tiny").architecture.vae).to(CUDA, torch.bfloat16), CUDA)
     latents = torch.randn(16, 2, 24, 40, generator=torch.Generator().manual_seed(1))
     plain = vae.decode_video(latents).float()
-    vae.configure(tiling=True, tile=(128, 192, 128, 128))
+    vae.configure(tiling=True, tile=(128, 192, 96, 128))  # overlapping tiles: stride < tile blends the seams
     tiled = vae.decode_video(latents).float()
     assert torch.corrcoef(torch.stack([plain.flatten(), tiled.flatten()]))[0, 1] > 0.95
 

@@ -238,3 +238,16 @@ def test_triton_prologue_in_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("version, usable", [(91500, False), (90100, False), (91501, True), (92000, True)])
+def test_cudnn_attention_needs_a_cudnn_past_9_15_0(monkeypatch, version, usable):
+    """Older cuDNN reads out of bounds at sequence lengths that are not multiples of 128 (every
+    Wan length is one of those); torch itself prefers cuDNN attention only past 9.15.0."""
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: version)
+    spec = attention._Input("cuda", (9, 0), torch.bfloat16, 128)
+    reason = attention.BACKENDS["sdpa_cudnn"].why_not(spec)
+    assert (reason is None) == usable, reason
+    if not usable:
+        assert f"needs cuDNN newer than 9.15.0, found {version}" in reason
