@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from storyfarm.m2v.placement import check_resident_fit, expert_load_device
 from storyfarm.m2v.preset import Preset
 from storyfarm.m2v.text import TextEncoder
 from storyfarm.m2v.transformer import M2VExpert
@@ -61,7 +62,7 @@ def _gate(preset: Preset, device: str):
     return make_gate(k.gate, **opts)
 
 
-def _random_components(preset: Preset, device, dtype) -> Components:
+def _random_components(preset: Preset, device, dtype, expert_device) -> Components:
     from storyfarm.m2v.keyframes import build_tiny_clip_embedder
     from storyfarm.m2v.tiny import build_tiny_components
 
@@ -70,9 +71,9 @@ def _random_components(preset: Preset, device, dtype) -> Components:
     tokenizer, text_model = built["text"]
     t2v = None
     if "t2v_high_noise" in built:
-        t2v = _pair(built["t2v_high_noise"], built["t2v_low_noise"], "t2v_", device, dtype)
+        t2v = _pair(built["t2v_high_noise"], built["t2v_low_noise"], "t2v_", expert_device, dtype)
     return Components(
-        m2v_experts=_pair(built["high_noise"], built["low_noise"], "", device, dtype),
+        m2v_experts=_pair(built["high_noise"], built["low_noise"], "", expert_device, dtype),
         t2v_experts=t2v,
         vae=VideoVAE(built["vae"].to(device), device),
         text=TextEncoder(tokenizer, text_model.to(device), arch.text_len, device),
@@ -81,13 +82,27 @@ def _random_components(preset: Preset, device, dtype) -> Components:
     )
 
 
-def _local_components(preset: Preset, device, dtype) -> Components:
+def _check_fit(preset: Preset, device: str, dtype, expert_placement: str) -> None:
+    """On CUDA, refuse a `both` placement whose experts cannot all be resident, before loading any."""
+    from storyfarm.m2v import weights as W
+
+    if not device.startswith("cuda") or expert_placement != "both":
+        return
+    folders = [preset.weights.base] + ([preset.weights.t2v] if preset.weights.t2v else [])
+    expert_bytes = sum(W.wan_pair_bytes(folder, dtype) for folder in folders)
+    if preset.runtime.fp8:
+        expert_bytes //= 2  # the block linears (nearly all of an expert) become 1-byte weights
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    check_resident_fit(expert_placement, expert_bytes, free, device, 2 * len(folders))
+
+
+def _local_components(preset: Preset, device, dtype, expert_device) -> Components:
     from storyfarm.m2v import weights as W
     from storyfarm.m2v.keyframes import TransformersCLIPEmbedder
     from storyfarm.m2v.lora import load_storymem_lora
 
     paths = preset.weights
-    high, low, info = W.load_wan_pair(paths.base, dtype=dtype, device=device)
+    high, low, info = W.load_wan_pair(paths.base, dtype=dtype, device=expert_device)
     lora_info = None
     if paths.lora is not None:
         lora = paths.lora
@@ -98,15 +113,15 @@ def _local_components(preset: Preset, device, dtype) -> Components:
         }
     t2v = None
     if paths.t2v:
-        t_high, t_low, _ = W.load_wan_pair(paths.t2v, dtype=dtype, device=device)
-        t2v = _pair(t_high, t_low, "t2v_", device, dtype)
+        t_high, t_low, _ = W.load_wan_pair(paths.t2v, dtype=dtype, device=expert_device)
+        t2v = _pair(t_high, t_low, "t2v_", expert_device, dtype)
     vae_path = paths.vae or paths.base  # load_wan_vae finds vae/ or Wan2.1_VAE.safetensors
     vae = W.load_wan_vae(vae_path, dtype=torch.float32 if device == "cpu" else dtype, device=device)
     tokenizer, text_model = W.load_text_encoder(paths.text_encoder or paths.base, dtype=dtype, device=device)
     if not paths.clip:
         raise ValueError(f"{preset.origin}: weights.clip: a local CLIP ViT-B/32 folder is required for keyframe selection")
     return Components(
-        m2v_experts=_pair(high, low, "", device, dtype),
+        m2v_experts=_pair(high, low, "", expert_device, dtype),
         t2v_experts=t2v,
         vae=VideoVAE(vae, device),
         text=TextEncoder(tokenizer, text_model, 512, device),
@@ -116,9 +131,13 @@ def _local_components(preset: Preset, device, dtype) -> Components:
     )
 
 
-def load_components(preset: Preset, device: str | torch.device = "cpu") -> Components:
+def load_components(preset: Preset, device: str | torch.device = "cpu", expert_placement: str = "both") -> Components:
+    """Everything a preset names, on `device`; the experts where `expert_placement` keeps them
+    (m2v.placement): on the device for `both`, in CPU memory for `swap`."""
     device = str(device)
     dtype = DTYPES[preset.dtype]
+    expert_device = expert_load_device(device, expert_placement)
     if preset.source == "random":
-        return _random_components(preset, device, dtype)
-    return _local_components(preset, device, dtype)
+        return _random_components(preset, device, dtype, expert_device)
+    _check_fit(preset, device, dtype, expert_placement)
+    return _local_components(preset, device, dtype, expert_device)

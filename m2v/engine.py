@@ -101,15 +101,18 @@ def _digest(text: str) -> str:
 
 
 class Engine:
-    def __init__(self, preset: Preset, device: str = "cpu", components: Components | None = None):
+    def __init__(self, preset: Preset, device: str = "cpu", components: Components | None = None,
+                 expert_placement: str = "both"):
         self.preset = preset
         self.device = torch.device(device)
-        self.components = components or load_components(preset, device)
+        self.components = components or load_components(preset, device, expert_placement)
         c = self.components
         self.m2v_experts = c.m2v_experts
         self.t2v_experts = c.t2v_experts
         self.vae = c.vae
-        self.residency = ExpertResidency(self.device, "both")  # set_expert_placement() switches to swap
+        # swap: experts were loaded into CPU memory and wait there (set_expert_placement() switches later)
+        self.residency = ExpertResidency(self.device, expert_placement)
+        self.residency.park(experts_of(self))
         self.text = c.text
         self.window_replicas: list = []  # (device, m2v experts, t2v experts) per extra GPU for FIFO windows
         self.pool = LatentPool(

@@ -15,6 +15,27 @@ from contextlib import contextmanager
 import torch
 
 EXPERT_RESIDENCY = ("both", "swap")
+# Beside resident experts: umT5-XXL (about 11 GiB in bf16), the VAE, and a 480p shot's activations.
+RESIDENT_HEADROOM_BYTES = 20 << 30
+
+
+def expert_load_device(device: torch.device | str, mode: str) -> str:
+    """Where experts are loaded: straight onto the device when they stay there (`both`), into CPU
+    memory when they are swapped in one at a time (`swap`), so that a model whose experts do not
+    all fit on the GPU never tries to put them all there."""
+    return "cpu" if mode == "swap" else str(device)
+
+
+def check_resident_fit(mode: str, expert_bytes: int, free_bytes: int, device, experts: int) -> None:
+    """Refuse `both` before loading when the experts and the headroom exceed the device's free memory."""
+    if mode != "both" or expert_bytes + RESIDENT_HEADROOM_BYTES <= free_bytes:
+        return
+    gib = 1 << 30
+    raise ValueError(
+        f"scheduler.expert_placement: 'both' keeps all {experts} experts resident ({expert_bytes / gib:.1f} GiB) "
+        f"plus {RESIDENT_HEADROOM_BYTES / gib:.0f} GiB for the text encoder, VAE and activations, but {device} has "
+        f"{free_bytes / gib:.1f} GiB free; use 'swap' (one expert on the GPU at a time) or runtime.fp8: true "
+        "(half the expert bytes)")
 
 
 class ExpertResidency:

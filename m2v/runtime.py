@@ -55,6 +55,11 @@ def apply_runtime(engine) -> RuntimeState:
         raise ValueError(f"runtime.{exc}") from None
     fp8_layers = 0
     if rt.fp8:
+        residency = getattr(engine, "residency", None)
+        if residency is not None and residency.mode == "swap":
+            raise ValueError("runtime.fp8: FP8 experts are quantised on the GPU and stay there; with "
+                             "scheduler.expert_placement 'swap' they would wait in CPU memory. FP8 halves the "
+                             "expert bytes: use 'both'")
         for expert in experts:
             fp8_layers += quantize_expert_fp8(expert.model, device)
     first = experts[0]

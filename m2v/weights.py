@@ -319,6 +319,25 @@ def load_wan_expert(path: str | Path, *, config: str | Path | Mapping[str, Any] 
     return model.eval()
 
 
+def _expert_dirs(model_dir: Path) -> tuple[str, Path, Path]:
+    layout = detect_layout(model_dir)
+    high, low = (model_dir / d for d in _EXPERT_DIRS[layout])
+    for d in (high, low):
+        if not d.is_dir():
+            raise CheckpointError(f"{model_dir}: {layout} layout but {d.name}/ is missing; a "
+                                  "Wan2.2 A14B model needs both the high- and low-noise experts")
+    return layout, high, low
+
+
+def wan_pair_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
+    """Bytes the two experts of a Wan2.2 A14B folder take once loaded as `dtype`, read from the
+    safetensors headers alone (no weights are read): what deciding their placement needs."""
+    _, high, low = _expert_dirs(Path(model_dir))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) * itemsize for d in (high, low) for f in _weight_files(d)
+               for _, shape in read_safetensors_header(f).tensors.values())
+
+
 def load_wan_pair(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu"
                   ) -> tuple[WanTransformer3DModel, WanTransformer3DModel, dict[str, Any]]:
@@ -327,12 +346,7 @@ def load_wan_pair(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     info: layout, the two expert paths, and boundary_ratio when model_index.json has one.
     """
     model_dir = Path(model_dir)
-    layout = detect_layout(model_dir)
-    high, low = (model_dir / d for d in _EXPERT_DIRS[layout])
-    for d in (high, low):
-        if not d.is_dir():
-            raise CheckpointError(f"{model_dir}: {layout} layout but {d.name}/ is missing; a "
-                                  "Wan2.2 A14B model needs both the high- and low-noise experts")
+    layout, high, low = _expert_dirs(model_dir)
     info: dict[str, Any] = {"layout": layout, "high_noise_path": str(high), "low_noise_path": str(low)}
     index = model_dir / "model_index.json"
     boundary = _read_json(index).get("boundary_ratio") if index.is_file() else None

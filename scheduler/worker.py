@@ -70,12 +70,11 @@ class WorkerRuntime:
             torch.set_num_threads(self.threads)
         from storyfarm.m2v.driver import RenderSettings, StoryRenderer
         from storyfarm.m2v.engine import Engine
-        from storyfarm.m2v.placement import set_expert_placement
         from storyfarm.m2v.preset import load_preset
 
         t0 = time.perf_counter()
-        engine = Engine(load_preset(self.preset_name), device=self.device)
-        set_expert_placement(engine, self.expert_placement)
+        # the placement decides where experts load: all on the GPU never happens for `swap`
+        engine = Engine(load_preset(self.preset_name), device=self.device, expert_placement=self.expert_placement)
         if self.extra_devices:
             from storyfarm.m2v.fifo_shot import add_window_devices
 

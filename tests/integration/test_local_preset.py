@@ -160,3 +160,32 @@ def test_pickled_weights_are_refused(model_root, tmp_path):
     preset = load_preset(str(write_preset(model_root / "p-evil.yaml", str(evil))))
     with pytest.raises(ValueError, match=r"\.pth"):
         load_components(preset)
+
+
+@pytest.mark.parametrize("layout", ["Wan2.2-I2V-A14B-Diffusers", "Wan2.2-I2V-A14B"])
+def test_expert_bytes_come_from_the_headers_alone(model_root, layout):
+    from storyfarm.m2v.weights import load_wan_pair, wan_pair_bytes
+
+    high, low, _ = load_wan_pair(model_root / layout, dtype=torch.bfloat16)
+    loaded = sum(p.numel() * 2 for model in (high, low) for p in model.parameters())
+    assert wan_pair_bytes(model_root / layout, torch.bfloat16) == loaded
+    assert wan_pair_bytes(model_root / layout, torch.float32) == 2 * loaded
+
+
+def test_both_placement_is_refused_before_loading_when_the_experts_cannot_fit(model_root, monkeypatch):
+    """On a GPU whose free memory cannot hold every expert (four with a T2V pair) plus the
+    headroom, `both` fails with the field named, before any weight is read."""
+    from storyfarm.m2v import components
+    from storyfarm.m2v.placement import RESIDENT_HEADROOM_BYTES
+
+    preset = load_preset(str(write_preset(model_root / "p-fit.yaml", "Wan2.2-I2V-A14B-Diffusers")))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (RESIDENT_HEADROOM_BYTES + 1000, 80 << 30))
+    monkeypatch.setattr(components, "_local_components", lambda *a: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match=r"scheduler.expert_placement: 'both' keeps all 4 experts resident .* "
+                                         r"use 'swap'"):
+        components.load_components(preset, "cuda:0", "both")
+    roomy = RESIDENT_HEADROOM_BYTES + (1 << 30)  # the tiny experts are a few MB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (roomy, 80 << 30))
+    monkeypatch.setattr(components, "_local_components", lambda preset, device, dtype, expert_device: expert_device)
+    assert components.load_components(preset, "cuda:0", "both") == "cuda:0"
+    assert components.load_components(preset, "cuda:0", "swap") == "cpu"  # swap: experts load into CPU memory

@@ -78,3 +78,22 @@ def test_story_errors_are_never_retried():
 
     assert classify(Cancelled()) == "cancelled"
     assert torch.get_num_threads() >= 1
+
+
+def test_an_engine_built_for_swap_loads_its_experts_into_cpu_memory(tiny_preset, engine):
+    swapped = Engine(tiny_preset, expert_placement="swap")
+    assert swapped.residency.mode == "swap"
+    assert np.array_equal(swapped.render_shot(plan()).frames, engine.render_shot(plan()).frames)
+    assert swapped.residency.swaps == 2
+
+
+def test_both_fits_or_is_refused_naming_the_field():
+    from storyfarm.m2v.placement import RESIDENT_HEADROOM_BYTES, check_resident_fit
+
+    gib = 1 << 30
+    check_resident_fit("both", 57 * gib, 79 * gib, "cuda:0", 2)  # one A14B pair on an H100: fits
+    check_resident_fit("swap", 114 * gib, 79 * gib, "cuda:0", 4)  # swap never needs them all
+    with pytest.raises(ValueError, match=r"'both' keeps all 4 experts resident \(114.0 GiB\) plus 20 GiB .* "
+                                         r"cuda:0 has 79.0 GiB free; use 'swap'"):
+        check_resident_fit("both", 114 * gib, 79 * gib, "cuda:0", 4)
+    assert RESIDENT_HEADROOM_BYTES == 20 * gib
