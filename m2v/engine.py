@@ -20,10 +20,10 @@ from storyfarm.kernels import attention
 from storyfarm.m2v.components import Components, load_components
 from storyfarm.m2v.conditioning import build_conditioning
 from storyfarm.m2v.latent_pool import LatentPool
-from storyfarm.m2v.placement import ExpertResidency
+from storyfarm.m2v.placement import ExpertResidency, experts_of
 from storyfarm.m2v.preset import Preset
 from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.runtime import apply_runtime, experts_of
+from storyfarm.m2v.runtime import apply_runtime
 from storyfarm.m2v.sampler import SamplerSettings, StepCallback, denoise
 from storyfarm.m2v.vae import fit_image
 

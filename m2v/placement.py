@@ -19,6 +19,11 @@ EXPERT_RESIDENCY = ("both", "swap")
 RESIDENT_HEADROOM_BYTES = 20 << 30
 
 
+def experts_of(engine) -> list:
+    """Every expert of an engine: the M2V pair, then the T2V pair where the preset has one."""
+    return [e for pair in (engine.m2v_experts, engine.t2v_experts) if pair for e in pair]
+
+
 def expert_load_device(device: torch.device | str, mode: str) -> str:
     """Where experts are loaded: straight onto the device when they stay there (`both`), into CPU
     memory when they are swapped in one at a time (`swap`), so that a model whose experts do not
@@ -69,7 +74,7 @@ class ExpertResidency:
 
 def set_expert_placement(engine, mode: str) -> None:
     """Switch a loaded engine between `both` and `swap`."""
-    experts = [e for pair in (engine.m2v_experts, engine.t2v_experts) if pair for e in pair]
+    experts = experts_of(engine)
     residency = ExpertResidency(engine.device, mode)
     if mode == "both":
         for expert in experts:

@@ -20,6 +20,7 @@ from storyfarm.kernels import attention
 from storyfarm.kernels.rope import prologue_uses_triton
 from storyfarm.m2v.compile import compile_expert
 from storyfarm.m2v.fp8 import quantize_expert_fp8
+from storyfarm.m2v.placement import experts_of
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ class RuntimeState:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def experts_of(engine) -> list:
-    return [e for pair in (engine.m2v_experts, engine.t2v_experts) if pair for e in pair]
 
 
 def apply_runtime(engine) -> RuntimeState:

@@ -23,6 +23,7 @@ from storyfarm.m2v.engine import Engine, ShotPlan
 from storyfarm.m2v.fifo import FifoSettings
 from storyfarm.m2v.fifo_shot import render_fifo_shot
 from storyfarm.m2v.keyframes import candidate_indices
+from storyfarm.m2v.placement import experts_of
 from storyfarm.m2v.story import ShotSpec, Story
 from storyfarm.m2v.story_modes import renders_fifo
 
@@ -131,7 +132,7 @@ def csa_for_shot(engine: Engine, story: Story, shot: ShotSpec, plan: ShotPlan, o
         return
     if fifo is not None:
         raise ValueError(f"{shot.path}: csa is not available for FIFO (long) shots; render them without csa")
-    experts = [e for pair in (engine.m2v_experts, engine.t2v_experts) if pair for e in pair]
+    experts = experts_of(engine)
     model = engine.m2v_experts[0].model
     bank = CsaBank.load(out / CSA_BANK)
     bank.drop_from(shot.index)  # a retry or re-render banks its own tokens again

@@ -39,6 +39,12 @@ def project_requirements() -> list[Requirement]:
     return [Requirement(r) for r in project["dependencies"]]
 
 
+def image_packages(image_list: Path) -> set[str]:
+    """The canonical names listed in image-packages.txt (comments and blank lines skipped)."""
+    return {canonicalize_name(line.strip()) for line in image_list.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
 def check(wheel_dir: Path, image_list: Path) -> list[str]:
     carried: dict[str, str] = {}
     problems = []
@@ -47,8 +53,7 @@ def check(wheel_dir: Path, image_list: Path) -> list[str]:
         if name in carried:
             problems.append(f"{wheel.name}: a second version of {name} (pip refuses two)")
         carried[name] = str(version)
-    image = {canonicalize_name(line.strip()) for line in image_list.read_text().splitlines()
-             if line.strip() and not line.startswith("#")}
+    image = image_packages(image_list)
     needs = [("pyproject.toml", r) for r in project_requirements()]
     needs += [(w.name, r) for w in sorted(wheel_dir.glob("*.whl")) for r in wheel_requirements(w)]
     for source, req in needs:

@@ -31,11 +31,6 @@ def pinned() -> dict[str, str]:
     return pins
 
 
-def image() -> set[str]:
-    return {canonicalize_name(line) for line in (KIT / "image-packages.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")}
-
-
 def fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as zf:
@@ -53,7 +48,7 @@ def test_the_pins_never_carry_the_images_torch_stack():
 
 def test_every_project_dependency_is_carried_or_in_the_image():
     missing = [str(r) for r in closure.project_requirements()
-               if canonicalize_name(r.name) not in set(pinned()) | image()]
+               if canonicalize_name(r.name) not in set(pinned()) | closure.image_packages(KIT / "image-packages.txt")]
     assert missing == []
 
 
