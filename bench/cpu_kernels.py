@@ -27,10 +27,10 @@ from benchlib import MID, environment, expert_inputs, timeit, write_result
 
 from storyfarm.kernels import attention
 from storyfarm.kernels.flops import WanShape, attention_flops, forward_flops
-from storyfarm.m2v.compile import compile_expert
-from storyfarm.m2v.preset import load_preset
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.m2v.accel.compile import compile_expert
+from storyfarm.story.presets import load_preset
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.model.transformer import M2VExpert
 
 CPU = torch.device("cpu")
 

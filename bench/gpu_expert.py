@@ -39,7 +39,7 @@ from benchlib import A14B, MID, environment, expert_inputs, random_wan, sync, ti
 
 from storyfarm.kernels import attention
 from storyfarm.kernels.flops import WanShape, attention_flops, floor_seconds, forward_flops
-from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.model.rope import memory_time_positions
 
 ATTENTION_FLOOR_TFLOPS = 650.0
 CONFIGS = {"a14b": A14B, "mid": MID}
@@ -136,7 +136,7 @@ class Bench:
         return self.model
 
     def wrap(self):
-        from storyfarm.m2v.transformer import M2VExpert
+        from storyfarm.m2v.model.transformer import M2VExpert
 
         if self.expert is None:
             attention.configure(self.args.attention)
@@ -198,7 +198,7 @@ class Bench:
         self.result["attention_ran"] = attention.describe()
 
     def part_compile(self):
-        from storyfarm.m2v.compile import compile_expert
+        from storyfarm.m2v.accel.compile import compile_expert
 
         expert = self.wrap()
         regions = compile_expert(expert, backend="inductor", shapes="dynamic", max_buckets=16,
@@ -209,7 +209,7 @@ class Bench:
         expert.regions = None
 
     def part_fp8(self):
-        from storyfarm.m2v.fp8 import fp8_unavailable_reason, quantize_expert_fp8
+        from storyfarm.m2v.accel.fp8 import fp8_unavailable_reason, quantize_expert_fp8
 
         reason = fp8_unavailable_reason(self.device)
         if reason is not None:
@@ -237,7 +237,7 @@ class Bench:
     def part_vae(self):
         from diffusers import AutoencoderKLWan
 
-        from storyfarm.m2v.vae import VideoVAE
+        from storyfarm.m2v.model.vae import VideoVAE
 
         torch.manual_seed(0)
         vae_model = AutoencoderKLWan() if self.args.config == "a14b" else AutoencoderKLWan(base_dim=16)
@@ -254,7 +254,7 @@ class Bench:
         del vae, vae_model
 
     def part_shot(self):
-        from storyfarm.m2v.sampler import SamplerSettings, denoise
+        from storyfarm.m2v.render.sampler import SamplerSettings, denoise
 
         expert = self.wrap()
         memory = 5 if 5 in self.args.memory else self.args.memory[0]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from storyfarm.m2v.files import atomic_output, fsync_dir
+from storyfarm.story.files import atomic_output, fsync_dir
 
 STORY_ID_PATTERN = re.compile(r"st_[0-9a-f]{16}")  # the job store's ids; use .fullmatch
 ARTIFACT_NAME_PATTERN = re.compile(

@@ -118,8 +118,8 @@ def _bad_input(console: Console, exc: Exception) -> int:
 
 def _story_and_preset(args, console: Console):
     """(story, preset) checked against the preset's limits, or None after printing the errors."""
-    from storyfarm.m2v.preset import PresetError, load_preset
-    from storyfarm.m2v.story import StoryValidationError, check_against_model, load_story
+    from storyfarm.story.presets import PresetError, load_preset
+    from storyfarm.story.format import StoryValidationError, check_against_model, load_story
 
     try:
         preset = load_preset(args.preset)
@@ -143,15 +143,15 @@ def cmd_validate(args, console: Console) -> int:
 
 def cmd_render(args, console: Console) -> int:
     from storyfarm.m2v.references import ReferenceImageError
-    from storyfarm.m2v.story import StoryValidationError
+    from storyfarm.story.format import StoryValidationError
 
     loaded = _story_and_preset(args, console)
     if loaded is None:
         return EXIT_BAD_INPUT
     story, preset = loaded
 
-    from storyfarm.m2v.driver import Cancelled, RenderSettings, StoryRenderer, check_output
-    from storyfarm.m2v.story_modes import read_edit
+    from storyfarm.m2v.render.driver import Cancelled, RenderSettings, StoryRenderer, check_output
+    from storyfarm.story.modes import read_edit
 
     edit = None
     try:
@@ -167,7 +167,7 @@ def cmd_render(args, console: Console) -> int:
 
     import torch
 
-    from storyfarm.m2v.engine import Engine
+    from storyfarm.m2v.render.engine import Engine
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return _bad_input(console, ValueError(f"--device {args.device}: no CUDA device is visible here (use --device cpu)"))
@@ -206,7 +206,7 @@ def cmd_render(args, console: Console) -> int:
 
 
 def cmd_presets(args, console: Console) -> int:
-    from storyfarm.m2v.preset import packaged_presets
+    from storyfarm.story.presets import packaged_presets
 
     for name in packaged_presets():
         console.print(name)

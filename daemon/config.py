@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storyfarm.m2v.preset import VAR_PATTERN, deep_merge, format_validation_errors
+from storyfarm.story.presets import VAR_PATTERN, deep_merge, format_validation_errors
 
 MiB = 1 << 20
 # One 832x480, 81-frame, 40-step shot is 1.29e9 pixel-frame-steps; 1280x720 at 81 frames and 40

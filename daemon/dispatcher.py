@@ -23,9 +23,9 @@ from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import FINAL, ArtifactIn, StateError
 from storyfarm.m2v.video import sha256_file
-from storyfarm.scheduler.executor import Executor
-from storyfarm.scheduler.faults import crash_point
-from storyfarm.scheduler.messages import Done, Failed, Progress, ShotTask
+from storyfarm.scheduler.gpu_pool.executor import Executor
+from storyfarm.scheduler.gpu_pool.faults import crash_point
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, ShotTask
 from storyfarm.scheduler.policy import CostModel, PolicyConfig, Scheduler, StoryWork
 from storyfarm.scheduler.simulate import project_finish
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from storyfarm.daemon.config import DaemonConfig
-from storyfarm.scheduler.executor import Executor, SupervisionConfig
-from storyfarm.scheduler.gpus import XidWatcher, device_groups
+from storyfarm.scheduler.gpu_pool.executor import Executor, SupervisionConfig
+from storyfarm.scheduler.gpu_pool.gpus import XidWatcher, device_groups
 from storyfarm.scheduler.policy import CostModel, PolicyConfig, ProjectQuota
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,13 @@ def build_executor(config: DaemonConfig) -> Executor:
                                     failure_limit=s.failure_limit, failure_window_s=s.failure_window_s)
     common = {"expert_placement": s.expert_placement, "supervision": supervision}
     if s.executor == "ray":
-        from storyfarm.scheduler.ray_executor import RayExecutor, connect_ray, ray_groups
+        from storyfarm.scheduler.gpu_pool.ray_actors import RayExecutor, connect_ray, ray_groups
 
         connect_ray(s.ray.address, num_cpus=s.ray.num_cpus)
         groups = ray_groups(config.device, config.workers, s.gpus_per_worker)
         log.info("ray executor: %d worker(s) (%s)", len(groups), ", ".join(g.name for g in groups))
         return RayExecutor(config.preset, groups, **common)
-    from storyfarm.scheduler.pool import WorkerPool
+    from storyfarm.scheduler.gpu_pool.processes import WorkerPool
 
     groups = device_groups(config.device, config.workers, s.gpus_per_worker)
     return WorkerPool(config.preset, groups, **common)

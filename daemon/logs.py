@@ -7,14 +7,14 @@ fields the record carries (`story_id`, `shot_id`, `shot_index`, `attempt_id`, `w
 passed as `extra=`); an exception adds `exc`. Text lines carry the same context at their end.
 `configure_logging` replaces the root logger's handlers (stderr), so it is called once, by
 `storyfarm serve`, never by code that runs inside tests or other programs. The formats live in
-scheduler/logfmt.py so the worker processes write the same lines.
+scheduler/gpu_pool/logfmt.py so the worker processes write the same lines.
 """
 
 from __future__ import annotations
 
 import logging
 
-from storyfarm.scheduler.logfmt import (  # noqa: F401 - the daemon's log formats are the workers' too
+from storyfarm.scheduler.gpu_pool.logfmt import (  # noqa: F401 - the daemon's log formats are the workers' too
     CONTEXT, FORMATS, LOG_FORMAT_ENV, JsonFormatter, TextFormatter, configure_logging,
 )
 

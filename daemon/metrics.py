@@ -33,7 +33,7 @@ from importlib import metadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from storyfarm.daemon.metrics_farm import PRIORITY_CLASSES, FarmCollector, priority_class
-from storyfarm.scheduler.messages import Done, Failed, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, ShotTask
 
 # Seconds to hours: tiny test shots take a fraction of a second, a 480p shot of the real model
 # minutes, a story or an overnight queue wait hours.

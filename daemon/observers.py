@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from storyfarm.scheduler.messages import Done, Failed, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, ShotTask
 
 log = logging.getLogger(__name__)
 

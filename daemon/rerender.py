@@ -15,10 +15,10 @@ import grpc
 from storyfarm.daemon.errors import RpcError, invalid, precondition
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import IdempotencyConflict, StateError, StoryRecord
-from storyfarm.m2v.preset import Preset
-from storyfarm.m2v.story import check_against_model, parse_story
-from storyfarm.m2v.story_fields import StoryValidationError
-from storyfarm.m2v.story_modes import ShotEdit, read_edit, renders_fifo
+from storyfarm.story.presets import Preset
+from storyfarm.story.format import check_against_model, parse_story
+from storyfarm.story.fields import StoryValidationError
+from storyfarm.story.modes import ShotEdit, read_edit, renders_fifo
 
 BUSY = ("queued", "running", "paused")
 MAX_REQUEST_ID = 128

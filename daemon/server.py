@@ -31,7 +31,7 @@ from storyfarm.daemon.metrics_http import MetricsServer
 from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.servicer import CHUNK_BYTES, RenderServicer
 from storyfarm.daemon.store import JobStore
-from storyfarm.m2v.preset import load_preset
+from storyfarm.story.presets import load_preset
 from storyfarm.v1 import render_pb2, render_pb2_grpc
 
 log = logging.getLogger(__name__)

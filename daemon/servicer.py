@@ -32,8 +32,8 @@ from storyfarm.daemon.rerender import check_edit, check_shot_index, check_streng
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
 from storyfarm.daemon.submit import check_submit, store_references
-from storyfarm.m2v.preset import Preset
-from storyfarm.scheduler.faults import crash_point
+from storyfarm.story.presets import Preset
+from storyfarm.scheduler.gpu_pool.faults import crash_point
 from storyfarm.v1 import render_pb2 as pb
 from storyfarm.v1 import render_pb2_grpc
 

@@ -44,7 +44,7 @@ from storyfarm.daemon.store_records import (
 )
 from storyfarm.daemon.store_schema import SchemaTooNew
 from storyfarm.daemon.store_views import _SHOT_SELECT, QueueViews, _marks, _shot_record
-from storyfarm.scheduler.faults import crash_point
+from storyfarm.scheduler.gpu_pool.faults import crash_point
 
 __all__ = [
     "JobStore", "ShotIn", "ArtifactIn", "SubmitResult", "StoryRecord", "ShotRecord", "AttemptRecord",

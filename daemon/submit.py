@@ -24,10 +24,10 @@ import yaml
 from storyfarm.daemon.config import LimitsConfig
 from storyfarm.daemon.errors import RpcError, invalid
 from storyfarm.daemon.store_records import ShotIn
-from storyfarm.m2v.files import atomic_output
-from storyfarm.m2v.preset import Preset
+from storyfarm.story.files import atomic_output
+from storyfarm.story.presets import Preset
 from storyfarm.m2v.references import ReferenceImageError, load_reference_image
-from storyfarm.m2v.story import Story, StoryValidationError, check_against_model, parse_story
+from storyfarm.story.format import Story, StoryValidationError, check_against_model, parse_story
 from storyfarm.v1 import render_pb2 as pb
 
 REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from storyfarm.kernels.catalog import APPROXIMATE_ATTENTION, EXACT_ATTENTION, check_attention_choice
+from storyfarm.story.kernel_choices import APPROXIMATE_ATTENTION, EXACT_ATTENTION, check_attention_choice
 
 MATH_SCORE_LIMIT_BYTES = 1 << 30
 CUDNN_ATTENTION_MIN_EXCLUSIVE = 91500  # torch.backends.cudnn.version() of cuDNN 9.15.0

@@ -28,7 +28,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from storyfarm.m2v.files import atomic_output, fsync_dir  # noqa: F401  (re-exported)
+from storyfarm.story.files import atomic_output, fsync_dir  # noqa: F401  (re-exported)
 
 PathLike = str | os.PathLike
 

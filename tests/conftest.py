@@ -44,13 +44,13 @@ def default_attention():
 
 @pytest.fixture(scope="session")
 def tiny_preset():
-    from storyfarm.m2v.preset import load_preset
+    from storyfarm.story.presets import load_preset
 
     return load_preset("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_preset):
-    from storyfarm.m2v.engine import Engine
+    from storyfarm.m2v.render.engine import Engine
 
     return Engine(tiny_preset)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from storyfarm.kernels import attention
-from storyfarm.m2v.preset import load_preset
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.story.presets import load_preset
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.model.transformer import M2VExpert
 from helpers.models import tiny_wan as shared_tiny_wan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -97,7 +97,7 @@ def test_expert_on_cuda_matches_stock_diffusers(rope):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inductor_compiled_expert_matches_eager(dtype):
-    from storyfarm.m2v.compile import compile_expert
+    from storyfarm.m2v.accel.compile import compile_expert
 
     model = tiny_wan(seed=2, dtype=dtype)
     eager = M2VExpert(copy.deepcopy(model), "eager")
@@ -113,7 +113,7 @@ def test_inductor_compiled_expert_matches_eager(dtype):
 
 
 def test_fp8_weights_stay_close_to_bf16():
-    from storyfarm.m2v.fp8 import fp8_layer_filter, fp8_unavailable_reason, quantize_expert_fp8
+    from storyfarm.m2v.accel.fp8 import fp8_layer_filter, fp8_unavailable_reason, quantize_expert_fp8
 
     reason = fp8_unavailable_reason(CUDA)
     if reason is not None:
@@ -132,7 +132,7 @@ def test_fp8_weights_stay_close_to_bf16():
 
 
 def test_tensorrt_engine_builds_from_the_onnx_export(tmp_path):
-    from storyfarm.m2v.export import ExportShape, build_tensorrt_engine, export_onnx, tensorrt_unavailable_reason
+    from storyfarm.m2v.accel.export import ExportShape, build_tensorrt_engine, export_onnx, tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason is not None:
@@ -146,7 +146,7 @@ def test_tensorrt_engine_builds_from_the_onnx_export(tmp_path):
 def test_vae_bf16_tiled_decode_on_cuda_is_close_to_untiled():
     from diffusers import AutoencoderKLWan
 
-    from storyfarm.m2v.vae import VideoVAE
+    from storyfarm.m2v.model.vae import VideoVAE
 
     torch.manual_seed(0)
     vae = VideoVAE(AutoencoderKLWan(**load_preset("tiny").architecture.vae).to(CUDA, torch.bfloat16), CUDA)
@@ -158,8 +158,8 @@ def test_vae_bf16_tiled_decode_on_cuda_is_close_to_untiled():
 
 
 def test_engine_on_cuda_renders_with_a_fused_backend():
-    from storyfarm.m2v.engine import Engine, ShotPlan
-    from storyfarm.m2v.sampler import SamplerSettings
+    from storyfarm.m2v.render.engine import Engine, ShotPlan
+    from storyfarm.m2v.render.sampler import SamplerSettings
 
     engine = Engine(load_preset("tiny", {"dtype": "bfloat16"}), device="cuda")
     assert engine.runtime.attention_backend not in ("math", "sdpa") and engine.runtime.vae_tiling

@@ -10,7 +10,7 @@ def tiny_wan(seed: int = 0, device="cpu", dtype=torch.float32, **over):
     """The tiny preset's WanTransformer3DModel (`over` replaces config keys), eval mode."""
     from diffusers import WanTransformer3DModel
 
-    from storyfarm.m2v.preset import load_preset
+    from storyfarm.story.presets import load_preset
 
     torch.manual_seed(seed)
     config = {**load_preset("tiny").architecture.transformer, **over}

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from storyfarm.m2v.preset import load_preset
-from storyfarm.m2v.tiny import build_tiny_components
-from storyfarm.m2v.weights import to_wan_original_state_dict, to_wan_original_vae_state_dict
+from storyfarm.story.presets import load_preset
+from storyfarm.m2v.model.tiny import build_tiny_components
+from storyfarm.m2v.model.weights import to_wan_original_state_dict, to_wan_original_vae_state_dict
 
 CLI = str(Path(sys.executable).with_name("storyfarm"))
 LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
@@ -127,7 +127,7 @@ def test_local_preset_renders_a_story(model_root, tmp_path, repo, layout):
 
 
 def test_both_layouts_and_the_lora_scale_reach_the_engine(model_root):
-    from storyfarm.m2v.components import load_components
+    from storyfarm.m2v.model.components import load_components
 
     a = load_components(load_preset(str(write_preset(model_root / "p-diff.yaml", "Wan2.2-I2V-A14B-Diffusers"))))
     b = load_components(load_preset(str(write_preset(model_root / "p-orig.yaml", "Wan2.2-I2V-A14B"))))
@@ -148,7 +148,7 @@ def test_both_layouts_and_the_lora_scale_reach_the_engine(model_root):
 
 
 def test_pickled_weights_are_refused(model_root, tmp_path):
-    from storyfarm.m2v.components import load_components
+    from storyfarm.m2v.model.components import load_components
 
     evil = tmp_path / "evil"
     (evil / "high_noise_model").mkdir(parents=True)
@@ -164,7 +164,7 @@ def test_pickled_weights_are_refused(model_root, tmp_path):
 
 @pytest.mark.parametrize("layout", ["Wan2.2-I2V-A14B-Diffusers", "Wan2.2-I2V-A14B"])
 def test_expert_bytes_come_from_the_headers_alone(model_root, layout):
-    from storyfarm.m2v.weights import load_wan_pair, wan_pair_bytes
+    from storyfarm.m2v.model.weights import load_wan_pair, wan_pair_bytes
 
     high, low, _ = load_wan_pair(model_root / layout, dtype=torch.bfloat16)
     loaded = sum(p.numel() * 2 for model in (high, low) for p in model.parameters())
@@ -175,8 +175,8 @@ def test_expert_bytes_come_from_the_headers_alone(model_root, layout):
 def test_both_placement_is_refused_before_loading_when_the_experts_cannot_fit(model_root, monkeypatch):
     """On a GPU whose free memory cannot hold every expert (four with a T2V pair) plus the
     headroom, `both` fails with the field named, before any weight is read."""
-    from storyfarm.m2v import components
-    from storyfarm.m2v.placement import RESIDENT_HEADROOM_BYTES
+    from storyfarm.m2v.model import components
+    from storyfarm.m2v.accel.placement import RESIDENT_HEADROOM_BYTES
 
     preset = load_preset(str(write_preset(model_root / "p-fit.yaml", "Wan2.2-I2V-A14B-Diffusers")))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (RESIDENT_HEADROOM_BYTES + 1000, 80 << 30))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from storyfarm.m2v import video
-from storyfarm.m2v.memory import window
-from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.memory.bank import window
+from storyfarm.m2v.model.rope import memory_time_positions
 
 CLI = str(Path(sys.executable).with_name("storyfarm"))
 

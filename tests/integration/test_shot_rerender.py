@@ -8,9 +8,9 @@ and its keyframes replace the old ones in place.
 
 import json
 
-from storyfarm.m2v.driver import RenderSettings, StoryRenderer
-from storyfarm.m2v.memory import MemoryBank
-from storyfarm.m2v.story import check_against_model, parse_story
+from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
+from storyfarm.m2v.memory.bank import MemoryBank
+from storyfarm.story.format import check_against_model, parse_story
 
 STORY = {
     "seed": 21,

@@ -18,8 +18,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from storyfarm.m2v.lora import load_storymem_lora
-from storyfarm.m2v.weights import CheckpointError, load_wan_expert, load_wan_vae, read_safetensors_header
+from storyfarm.m2v.model.lora import load_storymem_lora
+from storyfarm.m2v.model.weights import CheckpointError, load_wan_expert, load_wan_vae, read_safetensors_header
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 
@@ -139,7 +139,7 @@ def test_a_deeply_nested_header_is_refused_with_the_file_named(tmp_path, figures
 def test_a_clip_folder_with_only_a_pickle_is_refused(tmp_path, marker):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from storyfarm.m2v.keyframes import TransformersCLIPEmbedder
+    from storyfarm.m2v.memory.keyframes import TransformersCLIPEmbedder
 
     config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, projection_dim=16)

@@ -1,7 +1,7 @@
 """Client retries against a daemon whose replies arrive too late: zero duplicates, zero losses.
 
 The shared production-profile daemon is made to stall right after a submit's transaction commits
-(STORYFARM_STALL_AT, scheduler/faults.py), longer than the clients' deadline: the story is on disk
+(STORYFARM_STALL_AT, scheduler/gpu_pool/faults.py), longer than the clients' deadline: the story is on disk
 but the client sees DEADLINE_EXCEEDED. Several clients at once submit stories through the Python
 client library, which retries with the same request id. Afterwards the store holds exactly one
 story per request id, the one each client was finally told about; a reused id with another
@@ -20,7 +20,7 @@ import pytest
 
 from farm_profile import TOKENS
 from storyfarm.daemon.client import RetryPolicy, StoryfarmClient, StoryfarmError
-from storyfarm.scheduler import faults
+from storyfarm.scheduler.gpu_pool import faults
 
 STALL_S, DEADLINE_S = 0.6, 0.25
 

@@ -2,7 +2,7 @@
 exactly once.
 
 Two scenarios on real `storyfarm serve` processes sharing one data dir across their lives:
-- named crash points, one life each (scheduler/faults.py): SIGKILL right after a submit commits
+- named crash points, one life each (scheduler/gpu_pool/faults.py): SIGKILL right after a submit commits
   (the client has no answer: its retry with the same request id must find the story), in the
   middle of a worker's atomic write (a half-written temporary, never a half-written clip), after a
   shot's files are published but before the store records them (the shot re-runs and is recorded

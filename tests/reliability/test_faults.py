@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from storyfarm.scheduler import faults
-from storyfarm.scheduler.messages import ShotTask
+from storyfarm.scheduler.gpu_pool import faults
+from storyfarm.scheduler.gpu_pool.messages import ShotTask
 
 
 def task(prompt: str, name: str = "harbour", index: int = 0) -> ShotTask:
@@ -27,7 +27,7 @@ def test_unset_means_inert(monkeypatch):
     for point in faults.CRASH_POINTS:
         faults.crash_point(point)  # returns: no kill, no sleep
     faults.worker_fault(task("x"))
-    from storyfarm.m2v import files
+    from storyfarm.story import files
 
     assert files.before_replace is None  # the write seam stays unarmed
 
@@ -60,7 +60,7 @@ def test_rules_fire_their_number_of_times_across_processes(tmp_path, monkeypatch
     faults.add_rules(plan, [{"match": {"prompt_contains": "storm", "shot_index": 0}, "kind": "content", "times": 2},
                             {"match": {"story_name": "quiet"}, "kind": "oom", "times": 1}])
     monkeypatch.setenv(faults.PLAN_ENV, str(plan))
-    script = ("import json, sys; from storyfarm.scheduler import faults; from storyfarm.scheduler.messages import ShotTask\n"
+    script = ("import json, sys; from storyfarm.scheduler.gpu_pool import faults; from storyfarm.scheduler.gpu_pool.messages import ShotTask\n"
               "t = ShotTask('at_x', 'st_0123456789abcdef', 'sh', 0, json.dumps({'name': 'h', 'shots': [{'prompt': 'storm 0'}]}),"
               " '/n', '/n')\n"
               "try:\n    faults.worker_fault(t); print('none')\nexcept ValueError as e:\n    print(e)\n")
@@ -91,7 +91,7 @@ def test_a_stall_sleeps_its_number_of_times(monkeypatch):
 
 
 def test_a_crash_point_sigkills_at_its_hit(tmp_path):
-    script = ("from storyfarm.scheduler import faults\n"
+    script = ("from storyfarm.scheduler.gpu_pool import faults\n"
               "for i in range(3):\n    print(i, flush=True); faults.crash_point('after_publish_before_commit')\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          env={**os.environ, faults.CRASH_ENV: "after_publish_before_commit:2"})

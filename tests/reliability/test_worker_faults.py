@@ -2,7 +2,7 @@
 budget is spent only on the shot's own failures, and other stories go on.
 
 One `storyfarm serve` with two workers and a short heartbeat timeout; faults are injected per
-shot from a plan file (STORYFARM_WORKER_FAULTS, scheduler/faults.py) that each test extends with
+shot from a plan file (STORYFARM_WORKER_FAULTS, scheduler/gpu_pool/faults.py) that each test extends with
 rules matching its own prompts, and every shot start is logged with the worker's pid, so the
 tests can tell which process ran which attempt. Scenarios:
 - a worker SIGKILLed in the middle of denoising, and workers crashing at a shot's start three times
@@ -30,7 +30,7 @@ import pytest
 from helpers.audit import audit, summary
 from helpers.daemon_proc import DaemonProcess
 from storyfarm.daemon.store import JobStore
-from storyfarm.scheduler import faults
+from storyfarm.scheduler.gpu_pool import faults
 from storyfarm.v1 import render_pb2 as pb
 
 pytestmark = pytest.mark.slow

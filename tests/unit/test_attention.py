@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storyfarm.kernels import attention
-from storyfarm.kernels.catalog import ATTENTION_CHOICES, EXACT_ATTENTION
+from storyfarm.story.kernel_choices import ATTENTION_CHOICES, EXACT_ATTENTION
 from storyfarm.kernels.rope import prologue_uses_triton
-from storyfarm.m2v.frame_timesteps import wan_forward
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.transformer import M2VExpert, StoryAttnProcessor
+from storyfarm.m2v.model.frame_timesteps import wan_forward
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.model.transformer import M2VExpert, StoryAttnProcessor
 from helpers.models import tiny_wan
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -198,9 +198,9 @@ torch.testing.assert_close(got_k, apply_rotary(norm(k, w_k), cos, sin), atol=1e-
 import copy
 from diffusers import WanTransformer3DModel
 from storyfarm.kernels.rope import prologue_uses_triton
-from storyfarm.m2v.preset import load_preset
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.story.presets import load_preset
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.model.transformer import M2VExpert
 assert prologue_uses_triton("triton", torch.device("cpu")) and not prologue_uses_triton("auto", torch.device("cpu"))
 torch.manual_seed(0)
 model = WanTransformer3DModel(**load_preset("tiny").architecture.transformer).eval()

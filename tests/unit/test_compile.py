@@ -14,13 +14,13 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from storyfarm.kernels import attention
-from storyfarm.m2v.compile import CompiledRegions, compile_expert
-from storyfarm.m2v.engine import Engine, ShotPlan
-from storyfarm.m2v.fp8 import fp8_layer_filter, fp8_unavailable_reason
-from storyfarm.m2v.preset import PresetError, load_preset
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.sampler import SamplerSettings
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.m2v.accel.compile import CompiledRegions, compile_expert
+from storyfarm.m2v.render.engine import Engine, ShotPlan
+from storyfarm.m2v.accel.fp8 import fp8_layer_filter, fp8_unavailable_reason
+from storyfarm.story.presets import PresetError, load_preset
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.render.sampler import SamplerSettings
+from storyfarm.m2v.model.transformer import M2VExpert
 from helpers.models import tiny_wan
 
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from storyfarm.m2v.csa import CsaBank, CsaSession, consistent_self_attention
-from storyfarm.m2v.driver import StoryRenderer
-from storyfarm.m2v.engine import ShotPlan
-from storyfarm.m2v.sampler import SamplerSettings
-from storyfarm.m2v.story import check_against_model, parse_story
-from storyfarm.m2v.story_modes import CsaOptions
+from storyfarm.m2v.render.csa import CsaBank, CsaSession, consistent_self_attention
+from storyfarm.m2v.render.driver import StoryRenderer
+from storyfarm.m2v.render.engine import ShotPlan
+from storyfarm.m2v.render.sampler import SamplerSettings
+from storyfarm.story.format import check_against_model, parse_story
+from storyfarm.story.modes import CsaOptions
 
 
 def plan(index: int, **over) -> ShotPlan:

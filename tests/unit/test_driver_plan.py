@@ -1,7 +1,7 @@
 """Settings merge order for a shot: shot, then story, then operator (CLI), then preset."""
 
-from storyfarm.m2v.driver import RenderSettings, StoryRenderer
-from storyfarm.m2v.story import parse_story
+from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
+from storyfarm.story.format import parse_story
 
 
 def plans(engine, settings, doc):

@@ -15,8 +15,8 @@ import yaml
 
 from storyfarm.daemon.cli import main as cli_main
 from storyfarm.m2v import video
-from storyfarm.m2v.driver import StoryRenderer
-from storyfarm.m2v.story import check_against_model, parse_story
+from storyfarm.m2v.render.driver import StoryRenderer
+from storyfarm.story.format import check_against_model, parse_story
 
 DOC = {"seed": 8, "resolution": "64x32", "frames": 9, "steps": 3, "shots": [
     {"prompt": "a lighthouse keeper climbs the stairs"},

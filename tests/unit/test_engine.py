@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from storyfarm.m2v.engine import ShotPlan
-from storyfarm.m2v.sampler import SamplerSettings
+from storyfarm.m2v.render.engine import ShotPlan
+from storyfarm.m2v.render.sampler import SamplerSettings
 
 
 def plan(**over):
@@ -81,7 +81,7 @@ def test_bad_sizes_are_refused(tiny_engine):
 
 
 def test_t2v_first_shot_samples_with_the_t2v_schedule(tiny_engine, monkeypatch):
-    import storyfarm.m2v.engine as engine_module
+    import storyfarm.m2v.render.engine as engine_module
 
     seen = []
     real = engine_module.denoise

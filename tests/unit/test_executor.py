@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from storyfarm.scheduler.executor import DeviceGroup, Executor, SupervisionConfig
-from storyfarm.scheduler.gpus import XidWatcher, device_groups, discover
-from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.executor import DeviceGroup, Executor, SupervisionConfig
+from storyfarm.scheduler.gpu_pool.gpus import XidWatcher, device_groups, discover
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, Ready, Release, ShotTask
 
 
 class Clock:

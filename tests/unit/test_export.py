@@ -8,10 +8,10 @@ import torch
 
 from storyfarm.kernels import attention
 from storyfarm.kernels.rope import grid_cos_sin
-from storyfarm.m2v.export import (INPUT_NAMES, ExportShape, build_tensorrt_engine, check_onnx, example_inputs,
+from storyfarm.m2v.accel.export import (INPUT_NAMES, ExportShape, build_tensorrt_engine, check_onnx, example_inputs,
                                   export_onnx, tensorrt_unavailable_reason)
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.model.transformer import M2VExpert
 from helpers.models import tiny_wan
 
 SHAPE = ExportShape(batch=2, memory=2, frames=3, height=4, width=8, text_len=16)

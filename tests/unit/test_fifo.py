@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from storyfarm.m2v import video
-from storyfarm.m2v.driver import StoryRenderer
-from storyfarm.m2v.engine import Engine, ShotPlan
-from storyfarm.m2v.fifo import FifoSampler, FifoSettings, WindowRunner, fifo_sigmas, plan_windows
-from storyfarm.m2v.fifo_shot import StreamingDecoder, add_window_devices, render_fifo_shot
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.sampler import SamplerSettings
-from storyfarm.m2v.story import check_against_model, parse_story
+from storyfarm.m2v.render.driver import StoryRenderer
+from storyfarm.m2v.render.engine import Engine, ShotPlan
+from storyfarm.m2v.render.fifo import FifoSampler, FifoSettings, WindowRunner, fifo_sigmas, plan_windows
+from storyfarm.m2v.render.fifo_shot import StreamingDecoder, add_window_devices, render_fifo_shot
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.render.sampler import SamplerSettings
+from storyfarm.story.format import check_against_model, parse_story
 
 
 # -- the schedule and the windows ---------------------------------------------------------------
@@ -178,10 +178,10 @@ MEASURE = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from storyfarm.m2v.driver import RenderSettings, StoryRenderer
-    from storyfarm.m2v.engine import Engine
-    from storyfarm.m2v.preset import load_preset
-    from storyfarm.m2v.story import check_against_model, parse_story
+    from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
+    from storyfarm.m2v.render.engine import Engine
+    from storyfarm.story.presets import load_preset
+    from storyfarm.story.format import check_against_model, parse_story
 
     def status(key):
         with open("/proc/self/status") as f:

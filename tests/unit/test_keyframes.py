@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storyfarm.m2v import keyframes as kf
-from storyfarm.m2v.keyframes import (
+from storyfarm.m2v.memory import keyframes as kf
+from storyfarm.m2v.memory.keyframes import (
     HPSv3Gate, KeyframeSelector, NoGate, OpenCLIPEmbedder, QualityGate, TransformersCLIPEmbedder,
     build_tiny_clip_embedder, candidate_indices, make_gate, select_keyframes,
 )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from storyfarm.m2v.latent_pool import LatentPool
+from storyfarm.m2v.memory.latent_pool import LatentPool
 
 
 def mb(n):  # a float32 tensor of n MiB

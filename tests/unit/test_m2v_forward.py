@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from storyfarm.m2v.conditioning import build_conditioning, known_frames_mask
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.sampler import SamplerSettings, denoise
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.m2v.model.conditioning import build_conditioning, known_frames_mask
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.render.sampler import SamplerSettings, denoise
+from storyfarm.m2v.model.transformer import M2VExpert
 
 TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=36, out_channels=16,
@@ -153,7 +153,7 @@ def test_cfg_combination_is_text_only_guidance():
 def test_unipc_schedule_is_wans():
     """Wan's FlowUniPC: sigmas linspace(1 - 1/1000, 0, N+1)[:-1], shifted s' = k*s / (1 + (k-1)*s),
     timesteps s' * 1000 (computed here by hand, independently of diffusers)."""
-    from storyfarm.m2v.sampler import make_scheduler
+    from storyfarm.m2v.render.sampler import make_scheduler
 
     steps, shift = 40, 4.0
     base = torch.linspace(1 - 1 / 1000, 0, steps + 1, dtype=torch.float64)[:-1]
@@ -166,6 +166,6 @@ def test_unipc_schedule_is_wans():
 
 
 def test_prompts_are_cleaned_like_wans():
-    from storyfarm.m2v.text import clean_prompt
+    from storyfarm.m2v.model.text import clean_prompt
 
     assert clean_prompt("  A cat&amp;dog \n\n  at   dusk ") == "A cat&dog at dusk"

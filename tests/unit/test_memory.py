@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from storyfarm.m2v import memory as memory_mod
-from storyfarm.m2v.memory import MemoryBank, window
+from storyfarm.m2v.memory import bank as memory_mod
+from storyfarm.m2v.memory.bank import MemoryBank, window
 
 
 # ---- window ----------------------------------------------------------------------------------

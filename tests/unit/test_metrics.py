@@ -19,7 +19,7 @@ from storyfarm.daemon.metrics_farm import priority_class
 from storyfarm.daemon.metrics_http import MetricsServer
 from storyfarm.daemon.metrics_nvml import Nvml
 from storyfarm.daemon.store import JobStore, ShotIn
-from storyfarm.scheduler.messages import Done, Failed, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, ShotTask
 
 REPO = Path(__file__).resolve().parents[2]
 

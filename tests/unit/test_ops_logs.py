@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from storyfarm.daemon.logs import JsonFormatter, LogObserver, TextFormatter, configure_logging
-from storyfarm.scheduler.messages import Failed, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Failed, ShotTask
 
 
 def capture(formatter) -> tuple[logging.Logger, io.StringIO]:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from storyfarm.m2v.engine import Engine, ShotPlan
-from storyfarm.m2v.placement import ExpertResidency, low_memory, set_expert_placement
-from storyfarm.m2v.sampler import SamplerSettings
-from storyfarm.scheduler.worker import classify
+from storyfarm.m2v.render.engine import Engine, ShotPlan
+from storyfarm.m2v.accel.placement import ExpertResidency, low_memory, set_expert_placement
+from storyfarm.m2v.render.sampler import SamplerSettings
+from storyfarm.scheduler.gpu_pool.worker import classify
 
 
 def plan(**over) -> ShotPlan:
@@ -69,12 +69,12 @@ def test_failures_are_classified_for_the_daemon(exc, reason):
 
 
 def test_story_errors_are_never_retried():
-    from storyfarm.m2v.story import parse_story
+    from storyfarm.story.format import parse_story
 
     with pytest.raises(Exception) as err:
         parse_story({"shots": []})
     assert classify(err.value) == "story"
-    from storyfarm.m2v.driver import Cancelled
+    from storyfarm.m2v.render.driver import Cancelled
 
     assert classify(Cancelled()) == "cancelled"
     assert torch.get_num_threads() >= 1
@@ -88,7 +88,7 @@ def test_an_engine_built_for_swap_loads_its_experts_into_cpu_memory(tiny_preset,
 
 
 def test_both_fits_or_is_refused_naming_the_field():
-    from storyfarm.m2v.placement import RESIDENT_HEADROOM_BYTES, check_resident_fit
+    from storyfarm.m2v.accel.placement import RESIDENT_HEADROOM_BYTES, check_resident_fit
 
     gib = 1 << 30
     check_resident_fit("both", 57 * gib, 79 * gib, "cuda:0", 2)  # one A14B pair on an H100: fits

@@ -2,7 +2,7 @@
 
 import pytest
 
-from storyfarm.m2v.preset import PresetError, load_preset, packaged_presets
+from storyfarm.story.presets import PresetError, load_preset, packaged_presets
 
 
 def test_packaged_presets_load():

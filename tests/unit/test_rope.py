@@ -5,7 +5,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from storyfarm.kernels.rope import apply_rotary, grid_cos_sin
-from storyfarm.m2v.rope import StoryRotaryPosEmbed, memory_time_positions
+from storyfarm.m2v.model.rope import StoryRotaryPosEmbed, memory_time_positions
 
 
 def wan_reference_rotary(positions, height, width, head_dim, theta=10000.0):

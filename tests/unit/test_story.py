@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storyfarm.m2v.story import (
+from storyfarm.story.format import (
     MAX_SHOTS, MAX_STORY_BYTES, NATIVE_SHOT_KEYS, NATIVE_STORY_KEYS, FieldError, ModelLimits,
     ShotSpec, Story, StoryValidationError, check_against_model, load_story, parse_story,
 )

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from storyfarm.m2v.story import FifoOptions, ModelLimits, StoryValidationError, check_against_model, parse_story
-from storyfarm.m2v.story_modes import CsaOptions, ShotEdit, read_edit
+from storyfarm.story.format import FifoOptions, ModelLimits, StoryValidationError, check_against_model, parse_story
+from storyfarm.story.modes import CsaOptions, ShotEdit, read_edit
 
 WAN = ModelLimits(native_frames=81, max_fifo_frames=4801, memory_slots=10)
 

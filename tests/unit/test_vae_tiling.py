@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from storyfarm.m2v.preset import load_preset
-from storyfarm.m2v.vae import VideoVAE
+from storyfarm.story.presets import load_preset
+from storyfarm.m2v.model.vae import VideoVAE
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors.torch import save_file
 
-from storyfarm.m2v.weights import (
+from storyfarm.m2v.model.weights import (
     CheckpointError,
     detect_layout,
     load_text_encoder,

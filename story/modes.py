@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from storyfarm.m2v.story_fields import (
+from storyfarm.story.fields import (
     MAX_REFERENCES, FieldError, FieldErrors, StoryValidationError, check_keys, child, describe, read_bool,
     read_int, read_number, read_references, read_text,
 )

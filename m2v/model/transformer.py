@@ -21,8 +21,8 @@ from diffusers.models.transformers.transformer_wan import _get_added_kv_projecti
 
 from storyfarm.kernels.attention import attend
 from storyfarm.kernels.rope import apply_rotary, prologue_uses_triton, triton_prologue
-from storyfarm.m2v.frame_timesteps import install_story_blocks, wan_forward
-from storyfarm.m2v.rope import install_story_rope
+from storyfarm.m2v.model.frame_timesteps import install_story_blocks, wan_forward
+from storyfarm.m2v.model.rope import install_story_rope
 
 
 def _eps(norm: torch.nn.RMSNorm, x: torch.Tensor) -> float:
@@ -108,7 +108,7 @@ class M2VExpert:
     def _compiled(self, model_input, text, timestep):
         if self.regions is None:
             return contextlib.nullcontext()
-        from storyfarm.m2v.compile import bucket_of
+        from storyfarm.m2v.accel.compile import bucket_of
 
         return self.regions.running(bucket_of(model_input, text, timestep, self.model.config.patch_size))
 

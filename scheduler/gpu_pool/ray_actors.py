@@ -15,8 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from storyfarm.scheduler.executor import DeviceGroup, Executor, WorkerHandle
-from storyfarm.scheduler.messages import Release, ShotTask
+from storyfarm.scheduler.gpu_pool.executor import DeviceGroup, Executor, WorkerHandle
+from storyfarm.scheduler.gpu_pool.messages import Release, ShotTask
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 5.0
@@ -28,7 +28,7 @@ class RayWorker:
 
     def __init__(self, worker_id: str, preset: str, device: str, outbox, threads: int | None, expert_placement: str,
                  group_size: int = 1):
-        from storyfarm.scheduler.worker import WorkerRuntime
+        from storyfarm.scheduler.gpu_pool.worker import WorkerRuntime
 
         self.outbox = outbox
         self.cancel_flag = threading.Event()
@@ -37,7 +37,7 @@ class RayWorker:
                                      extra_devices=tuple(f"cuda:{i}" for i in range(1, group_size)))
 
     def load(self) -> bool:
-        from storyfarm.scheduler.messages import Failed
+        from storyfarm.scheduler.gpu_pool.messages import Failed
 
         try:
             self.outbox.put(self.runtime.load())

@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from storyfarm.kernels.attention import attend
 from storyfarm.kernels.rope import apply_rotary
-from storyfarm.m2v.files import atomic_output
-from storyfarm.m2v.story_modes import CsaOptions
+from storyfarm.story.files import atomic_output
+from storyfarm.story.modes import CsaOptions
 
 BLOCK_STRIDE = 8  # default: every eighth block exchanges tokens (5 of Wan-A14B's 40)
 

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from storyfarm.kernels import attention
-from storyfarm.m2v.components import Components, load_components
-from storyfarm.m2v.conditioning import build_conditioning
-from storyfarm.m2v.latent_pool import LatentPool
-from storyfarm.m2v.placement import ExpertResidency, experts_of
-from storyfarm.m2v.preset import Preset
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.runtime import apply_runtime
-from storyfarm.m2v.sampler import SamplerSettings, StepCallback, denoise
-from storyfarm.m2v.vae import fit_image
+from storyfarm.m2v.model.components import Components, load_components
+from storyfarm.m2v.model.conditioning import build_conditioning
+from storyfarm.m2v.memory.latent_pool import LatentPool
+from storyfarm.m2v.accel.placement import ExpertResidency, experts_of
+from storyfarm.story.presets import Preset
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.accel.runtime import apply_runtime
+from storyfarm.m2v.render.sampler import SamplerSettings, StepCallback, denoise
+from storyfarm.m2v.model.vae import fit_image
 
 SHARED = "shared"
 
@@ -134,7 +134,7 @@ class Engine:
 
     def warm_up(self, memory_counts=None) -> dict:
         """Compile and warm the forwards a worker will run (m2v.warmup); call once after loading."""
-        from storyfarm.m2v.warmup import warm_up
+        from storyfarm.m2v.accel.warmup import warm_up
 
         return warm_up(self, memory_counts)
 

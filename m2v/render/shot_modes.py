@@ -18,14 +18,14 @@ from typing import Iterator
 import numpy as np
 
 from storyfarm.m2v import video
-from storyfarm.m2v.csa import CsaBank, CsaSession, consistent_self_attention
-from storyfarm.m2v.engine import Engine, ShotPlan
-from storyfarm.m2v.fifo import FifoSettings
-from storyfarm.m2v.fifo_shot import render_fifo_shot
-from storyfarm.m2v.keyframes import candidate_indices
-from storyfarm.m2v.placement import experts_of
-from storyfarm.m2v.story import ShotSpec, Story
-from storyfarm.m2v.story_modes import renders_fifo
+from storyfarm.m2v.render.csa import CsaBank, CsaSession, consistent_self_attention
+from storyfarm.m2v.render.engine import Engine, ShotPlan
+from storyfarm.m2v.render.fifo import FifoSettings
+from storyfarm.m2v.render.fifo_shot import render_fifo_shot
+from storyfarm.m2v.memory.keyframes import candidate_indices
+from storyfarm.m2v.accel.placement import experts_of
+from storyfarm.story.format import ShotSpec, Story
+from storyfarm.story.modes import renders_fifo
 
 CSA_BANK = Path("csa") / "bank.safetensors"
 

@@ -28,15 +28,15 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from storyfarm.m2v import video
-from storyfarm.m2v.engine import Engine, ShotPlan
-from storyfarm.m2v.files import atomic_output, write_json
-from storyfarm.m2v.keyframes import KeyframeSelector
-from storyfarm.m2v.memory import MemoryBank
+from storyfarm.m2v.render.engine import Engine, ShotPlan
+from storyfarm.story.files import atomic_output, write_json
+from storyfarm.m2v.memory.keyframes import KeyframeSelector
+from storyfarm.m2v.memory.bank import MemoryBank
 from storyfarm.m2v.references import load_reference_image
-from storyfarm.m2v.sampler import SamplerSettings
-from storyfarm.m2v.shot_modes import csa_for_shot, edit_start, fifo_settings, render_frames
-from storyfarm.m2v.story import ShotSpec, Story, check_against_model
-from storyfarm.m2v.story_modes import ShotEdit, read_edit
+from storyfarm.m2v.render.sampler import SamplerSettings
+from storyfarm.m2v.render.shot_modes import csa_for_shot, edit_start, fifo_settings, render_frames
+from storyfarm.story.format import ShotSpec, Story, check_against_model
+from storyfarm.story.modes import ShotEdit, read_edit
 
 MANIFEST_VERSION = 1
 OWNED = ("shots", "keyframes", "csa", "story.mp4", "contact_sheet.png", "manifest.json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from storyfarm.scheduler.executor import DeviceGroup
+from storyfarm.scheduler.gpu_pool.executor import DeviceGroup
 
 log = logging.getLogger(__name__)
 

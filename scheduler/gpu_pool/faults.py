@@ -132,7 +132,7 @@ def _arm_write_crash() -> None:
     global _write_armed
     if _write_armed or "mid_artifact_write" not in os.environ.get(CRASH_ENV, ""):
         return
-    from storyfarm.m2v import files
+    from storyfarm.story import files
 
     def before_replace(tmp: Path, final: Path) -> None:
         if _count("mid_artifact_write") == parse_points(os.environ.get(CRASH_ENV, "")).get("mid_artifact_write"):
@@ -175,7 +175,7 @@ def _locked(path: Path):
 
 def _shot_facts(task) -> dict:
     """What rules match on: the shot's prompt, the story's name, the shot's index."""
-    from storyfarm.m2v.story import parse_story
+    from storyfarm.story.format import parse_story
 
     story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
     return {"prompt": story.shots[task.shot_index].prompt, "story_name": story.name, "shot_index": task.shot_index}

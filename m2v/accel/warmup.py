@@ -19,7 +19,7 @@ import time
 import torch
 
 from storyfarm.kernels import attention
-from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.model.rope import memory_time_positions
 
 log = logging.getLogger(__name__)
 

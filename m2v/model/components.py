@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from storyfarm.m2v.placement import check_resident_fit, expert_load_device
-from storyfarm.m2v.preset import Preset
-from storyfarm.m2v.text import TextEncoder
-from storyfarm.m2v.transformer import M2VExpert
-from storyfarm.m2v.vae import VideoVAE
+from storyfarm.m2v.accel.placement import check_resident_fit, expert_load_device
+from storyfarm.story.presets import Preset
+from storyfarm.m2v.model.text import TextEncoder
+from storyfarm.m2v.model.transformer import M2VExpert
+from storyfarm.m2v.model.vae import VideoVAE
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _pair(high, low, prefix: str, device, dtype) -> tuple[M2VExpert, M2VExpert]:
 
 
 def _gate(preset: Preset, device: str):
-    from storyfarm.m2v.keyframes import make_gate
+    from storyfarm.m2v.memory.keyframes import make_gate
 
     k = preset.keyframes
     opts = {}
@@ -63,8 +63,8 @@ def _gate(preset: Preset, device: str):
 
 
 def _random_components(preset: Preset, device, dtype, expert_device) -> Components:
-    from storyfarm.m2v.keyframes import build_tiny_clip_embedder
-    from storyfarm.m2v.tiny import build_tiny_components
+    from storyfarm.m2v.memory.keyframes import build_tiny_clip_embedder
+    from storyfarm.m2v.model.tiny import build_tiny_components
 
     arch = preset.architecture
     built = build_tiny_components(arch, preset.seed)
@@ -84,7 +84,7 @@ def _random_components(preset: Preset, device, dtype, expert_device) -> Componen
 
 def _check_fit(preset: Preset, device: str, dtype, expert_placement: str) -> None:
     """On CUDA, refuse a `both` placement whose experts cannot all be resident, before loading any."""
-    from storyfarm.m2v import weights as W
+    from storyfarm.m2v.model import weights as W
 
     if not device.startswith("cuda") or expert_placement != "both":
         return
@@ -97,9 +97,9 @@ def _check_fit(preset: Preset, device: str, dtype, expert_placement: str) -> Non
 
 
 def _local_components(preset: Preset, device, dtype, expert_device) -> Components:
-    from storyfarm.m2v import weights as W
-    from storyfarm.m2v.keyframes import TransformersCLIPEmbedder
-    from storyfarm.m2v.lora import load_storymem_lora
+    from storyfarm.m2v.model import weights as W
+    from storyfarm.m2v.memory.keyframes import TransformersCLIPEmbedder
+    from storyfarm.m2v.model.lora import load_storymem_lora
 
     paths = preset.weights
     high, low, info = W.load_wan_pair(paths.base, dtype=dtype, device=expert_device)

@@ -11,7 +11,7 @@ fresh random inputs (tolerance by dtype). TensorRT cannot be installed in every 
 engine build (`build_tensorrt_engine`) is detected at run time (`tensorrt_unavailable_reason`) and
 refuses with that reason when `import tensorrt` fails. On a machine with TensorRT:
 
-    python -m storyfarm.m2v.export --preset tiny --out expert.onnx --trt expert.plan
+    python -m storyfarm.m2v.accel.export --preset tiny --out expert.onnx --trt expert.plan
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 
 from storyfarm.kernels import attention
 from storyfarm.kernels.rope import grid_cos_sin
-from storyfarm.m2v.frame_timesteps import wan_forward
-from storyfarm.m2v.rope import memory_time_positions
+from storyfarm.m2v.model.frame_timesteps import wan_forward
+from storyfarm.m2v.model.rope import memory_time_positions
 
 INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "rope_cos", "rope_sin")
 TOLERANCE = {torch.float32: (2e-4, 1e-3), torch.bfloat16: (5e-2, 5e-2), torch.float16: (1e-2, 1e-2)}
@@ -141,8 +141,8 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, *, bf1
 
 
 def main(argv=None) -> int:
-    from storyfarm.m2v.components import load_components
-    from storyfarm.m2v.preset import load_preset
+    from storyfarm.m2v.model.components import load_components
+    from storyfarm.story.presets import load_preset
 
     ap = argparse.ArgumentParser(description="Export the high-noise M2V expert of a preset to ONNX (and TensorRT).")
     ap.add_argument("--preset", default="tiny")

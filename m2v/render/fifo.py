@@ -42,9 +42,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from storyfarm.m2v.conditioning import build_conditioning
-from storyfarm.m2v.rope import memory_time_positions
-from storyfarm.m2v.sampler import NUM_TRAIN_TIMESTEPS
+from storyfarm.m2v.model.conditioning import build_conditioning
+from storyfarm.m2v.model.rope import memory_time_positions
+from storyfarm.m2v.render.sampler import NUM_TRAIN_TIMESTEPS
 
 StepCallback = Callable[[int, int, float, str], None]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from storyfarm.kernels.catalog import COMPILE_SHAPES
+from storyfarm.story.kernel_choices import COMPILE_SHAPES
 
 Bucket = tuple  # (batch, frames, height, width, text_len, "sample" | "frame")
 

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, Ready, Release, ShotTask
 
 log = logging.getLogger(__name__)
 

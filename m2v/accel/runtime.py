@@ -18,9 +18,9 @@ import torch
 
 from storyfarm.kernels import attention
 from storyfarm.kernels.rope import prologue_uses_triton
-from storyfarm.m2v.compile import compile_expert
-from storyfarm.m2v.fp8 import quantize_expert_fp8
-from storyfarm.m2v.placement import experts_of
+from storyfarm.m2v.accel.compile import compile_expert
+from storyfarm.m2v.accel.fp8 import quantize_expert_fp8
+from storyfarm.m2v.accel.placement import experts_of
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from storyfarm.kernels.catalog import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SHAPES, ROPE_KERNELS, VAE_TILING, check_attention_choice
-from storyfarm.m2v.story import ModelLimits
+from storyfarm.story.kernel_choices import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SHAPES, ROPE_KERNELS, VAE_TILING, check_attention_choice
+from storyfarm.story.format import ModelLimits
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -85,7 +85,7 @@ class PoolSettings(_Strict):
 
 
 class RuntimeSettings(_Strict):
-    """Kernel and speed choices; the names come from storyfarm.kernels.catalog (torch-free)."""
+    """Kernel and speed choices; the names come from storyfarm.story.kernel_choices (torch-free)."""
 
     allow_approximate: bool = False  # opt-in for approximate attention kernels (sage)
     attention: str = "auto"  # auto picks the best exact backend for the device

@@ -24,9 +24,9 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
-from storyfarm.scheduler.logfmt import LOG_FORMAT_ENV, configure_logging
-from storyfarm.scheduler.messages import Done, Failed, Progress, Ready, Release, ShotTask
-from storyfarm.scheduler.faults import worker_fault
+from storyfarm.scheduler.gpu_pool.logfmt import LOG_FORMAT_ENV, configure_logging
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.faults import worker_fault
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ OOM_MARKERS = ("out of memory", "OutOfMemoryError")
 
 def classify(exc: BaseException) -> str:
     """cancelled | out_of_memory | cuda_error | story (bad input: never retried) | content."""
-    from storyfarm.m2v.driver import Cancelled
-    from storyfarm.m2v.story_fields import StoryValidationError
+    from storyfarm.m2v.render.driver import Cancelled
+    from storyfarm.story.fields import StoryValidationError
 
     if isinstance(exc, Cancelled):
         return "cancelled"
@@ -68,15 +68,15 @@ class WorkerRuntime:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        from storyfarm.m2v.driver import RenderSettings, StoryRenderer
-        from storyfarm.m2v.engine import Engine
-        from storyfarm.m2v.preset import load_preset
+        from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
+        from storyfarm.m2v.render.engine import Engine
+        from storyfarm.story.presets import load_preset
 
         t0 = time.perf_counter()
         # the placement decides where experts load: all on the GPU never happens for `swap`
         engine = Engine(load_preset(self.preset_name), device=self.device, expert_placement=self.expert_placement)
         if self.extra_devices:
-            from storyfarm.m2v.fifo_shot import add_window_devices
+            from storyfarm.m2v.render.fifo_shot import add_window_devices
 
             add_window_devices(engine, list(self.extra_devices))
         report = engine.warm_up()  # compiles and first-call costs move out of the first shot
@@ -114,9 +114,9 @@ class WorkerRuntime:
 
     def _render(self, task: ShotTask, cancel) -> Done:
         worker_fault(task)
-        from storyfarm.m2v.driver import Cancelled
-        from storyfarm.m2v.placement import low_memory
-        from storyfarm.m2v.story import check_against_model, parse_story
+        from storyfarm.m2v.render.driver import Cancelled
+        from storyfarm.m2v.accel.placement import low_memory
+        from storyfarm.story.format import check_against_model, parse_story
 
         started = time.perf_counter()
         renderer, engine = self.renderer, self.engine

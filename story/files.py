@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PathLike = str | os.PathLike
-# A test seam, None in production: storyfarm.scheduler.faults sets it inside a worker whose
+# A test seam, None in production: storyfarm.scheduler.gpu_pool.faults sets it inside a worker whose
 # environment asks for a crash mid-write, and it is called with (temporary, final) just before the rename.
 before_replace = None
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from storyfarm.m2v.transformer import M2VExpert
+from storyfarm.m2v.model.transformer import M2VExpert
 
 SOLVERS = ("unipc", "euler")
 NUM_TRAIN_TIMESTEPS = 1000

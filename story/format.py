@@ -29,15 +29,15 @@ from typing import Any, Callable
 
 import yaml
 
-from storyfarm.m2v.story_checks import (
+from storyfarm.story.checks import (
     ModelLimits, check_frames, check_references, check_resolution, check_steps, frames_of_duration,
     longest_shot, resolve_mode,
 )
-from storyfarm.m2v.story_fields import (
+from storyfarm.story.fields import (
     MAX_NAME_CHARS, FieldError, FieldErrors, StoryValidationError, check_keys, child, describe,
     read_bool, read_choice, read_guidance, read_int, read_number, read_resolution, read_text,
 )
-from storyfarm.m2v.story_modes import (
+from storyfarm.story.modes import (
     MODES, CsaOptions, FifoOptions, LabelledReferences, read_csa, read_fifo, read_labelled_references,
 )
 

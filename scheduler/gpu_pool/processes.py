@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from storyfarm.scheduler.executor import DeviceGroup, Executor, WorkerHandle
-from storyfarm.scheduler.messages import ShotTask
-from storyfarm.scheduler.worker import worker_main
+from storyfarm.scheduler.gpu_pool.executor import DeviceGroup, Executor, WorkerHandle
+from storyfarm.scheduler.gpu_pool.messages import ShotTask
+from storyfarm.scheduler.gpu_pool.worker import worker_main
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from storyfarm.m2v.story_fields import FieldErrors
+from storyfarm.story.fields import FieldErrors
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from storyfarm.m2v.files import atomic_output
+from storyfarm.story.files import atomic_output
 from storyfarm.m2v.video import save_png
 
 __all__ = ["Keyframe", "MemoryBank", "window"]

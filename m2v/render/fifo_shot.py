@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
-from storyfarm.m2v.components import load_components
-from storyfarm.m2v.engine import Engine, ShotPlan, _Stopwatch
-from storyfarm.m2v.fifo import FifoSampler, FifoSettings, StepCallback, WindowRunner
-from storyfarm.m2v.vae import VideoVAE, to_uint8
+from storyfarm.m2v.model.components import load_components
+from storyfarm.m2v.render.engine import Engine, ShotPlan, _Stopwatch
+from storyfarm.m2v.render.fifo import FifoSampler, FifoSettings, StepCallback, WindowRunner
+from storyfarm.m2v.model.vae import VideoVAE, to_uint8
 
 
 class StreamingDecoder:
