@@ -142,7 +142,7 @@ def cmd_validate(args, console: Console) -> int:
 
 
 def cmd_render(args, console: Console) -> int:
-    from storyfarm.m2v.references import ReferenceImageError
+    from storyfarm.story.references import ReferenceImageError
     from storyfarm.story.format import StoryValidationError
 
     loaded = _story_and_preset(args, console)

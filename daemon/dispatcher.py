@@ -22,10 +22,10 @@ from storyfarm.daemon.events import EventHub
 from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import FINAL, ArtifactIn, StateError
-from storyfarm.m2v.video import sha256_file
+from storyfarm.story.files import sha256_file
 from storyfarm.scheduler.gpu_pool.executor import Executor
 from storyfarm.scheduler.gpu_pool.faults import crash_point
-from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, ShotTask
 from storyfarm.scheduler.policy import CostModel, PolicyConfig, Scheduler, StoryWork
 from storyfarm.scheduler.simulate import project_finish
 
@@ -43,17 +43,17 @@ def artifact_kind(name: str) -> str:
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self, store: JobStore, pool: Executor, artifacts: ArtifactStore, hub: EventHub, poll_s: float = 0.1,
+    def __init__(self, store: JobStore, executor: Executor, artifacts: ArtifactStore, hub: EventHub, poll_s: float = 0.1,
                  observers: Observers | None = None, policy: PolicyConfig | None = None, cost: CostModel | None = None,
                  xid_watcher=None):
         super().__init__(name="storyfarm-dispatcher", daemon=True)
-        self.store, self.pool, self.artifacts, self.hub = store, pool, artifacts, hub
+        self.store, self.executor, self.artifacts, self.hub = store, executor, artifacts, hub
         self.poll_s = poll_s
         self.observers = observers or Observers()
         self.policy = policy or PolicyConfig()
         self.cost = cost or CostModel()
         self.xid_watcher = xid_watcher
-        self.pool.on_event = self.observers.worker_event
+        self.executor.on_event = self.observers.worker_event
         self.draining = False
         self._halt = threading.Event()
         self._tasks: dict[str, ShotTask] = {}  # in flight, by attempt id
@@ -78,17 +78,17 @@ class Dispatcher(threading.Thread):
 
     def turn(self) -> None:
         changed = False
-        for task, reason in self.pool.supervise():
+        for task, reason in self.executor.supervise():
             self._finish(task.attempt_id, "lost", reason, error=f"{reason.replace('_', ' ')}: worker replaced")
             changed = True
         if self.xid_watcher is not None:
             for gpu, xid in self.xid_watcher.poll():
                 log.error("GPU %d reported Xid %d: replacing its worker", gpu, xid)
-                for task, reason in self.pool.gpu_fault(gpu, xid):
+                for task, reason in self.executor.gpu_fault(gpu, xid):
                     self._finish(task.attempt_id, "lost", reason, error=f"GPU {gpu} reported Xid {xid}")
                 changed = True
-        for msg in self.pool.poll(self.poll_s):
-            if isinstance(msg, Progress):
+        for msg in self.executor.poll(self.poll_s):
+            if isinstance(msg, StageUpdate):
                 task = self._tasks.get(msg.attempt_id)
                 if task is not None:
                     self.hub.progress(task.story_id, msg.shot_index, msg.stage, msg.step, msg.total, msg.worker_id)
@@ -98,9 +98,9 @@ class Dispatcher(threading.Thread):
             elif isinstance(msg, Failed) and msg.attempt_id is not None:
                 self._record_failed(msg)
                 changed = True
-        for worker in list(self.pool.workers.values()):
+        for worker in list(self.executor.workers.values()):
             if worker.task is not None and self.store.cancel_requested(worker.task.shot_id):
-                self.pool.cancel(worker.task.attempt_id)
+                self.executor.cancel(worker.task.attempt_id)
         if not self.draining:
             changed |= self._assign()
         self._follow_story_ends()
@@ -113,10 +113,10 @@ class Dispatcher(threading.Thread):
     def cancel_running(self, story_id: str) -> None:
         """Tell the worker running a shot of `story_id` to stop at its next denoising step now,
         rather than at the dispatcher's next turn."""
-        for worker in list(self.pool.workers.values()):
+        for worker in list(self.executor.workers.values()):
             task = worker.task
             if task is not None and task.story_id == story_id:
-                self.pool.cancel(task.attempt_id)
+                self.executor.cancel(task.attempt_id)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _finish(self, attempt_id: str, outcome: str, reason: str, report: Done | Failed | None = None, **kw) -> None:
@@ -141,7 +141,7 @@ class Dispatcher(threading.Thread):
     def _story_ended(self, story) -> None:
         self._holders.pop(story.id, None)
         self._etas.pop(story.id, None)
-        self.pool.release(str(self.artifacts.story_dir(story.id)))
+        self.executor.release(str(self.artifacts.story_dir(story.id)))
         reason = "ok" if story.state == "succeeded" else (story.error or story.state).split(":")[0][:60]
         seconds = (story.finished_at or time.time()) - story.created_at
         self.observers.story_finished(story.id, project=story.project, state=story.state, reason=reason, seconds=seconds)
@@ -175,7 +175,7 @@ class Dispatcher(threading.Thread):
                 size=path.stat().st_size, sha256=msg.entry["sha256"] if name == msg.entry["file"] else sha256_file(path),
                 story_level=name in STORY_LEVEL or name.startswith("keyframes/"),
             ))
-        worker = self.pool.workers.get(msg.worker_id)
+        worker = self.executor.workers.get(msg.worker_id)
         if worker is not None:
             self._holders[task.story_id] = (worker.id, worker.generation)
         memory_frames = int(msg.stats.get("memory_frames", len(msg.entry.get("memory_keyframes", []))))
@@ -218,7 +218,7 @@ class Dispatcher(threading.Thread):
     def _scheduler(self, work: list[dict], now: float) -> Scheduler:
         """The policy's view of the farm right now, rebuilt from the store and this thread's state."""
         sched = Scheduler(self.policy, self.cost)
-        workers = {w.id: w for w in self.pool.workers.values() if w.state in ("idle", "busy")}
+        workers = {w.id: w for w in self.executor.workers.values() if w.state in ("idle", "busy")}
         running_story = {w.task.story_id: w for w in workers.values() if w.task is not None}
         for row in work:
             holder = self._holders.get(row["id"])
@@ -248,7 +248,7 @@ class Dispatcher(threading.Thread):
         return sched
 
     def _assign(self) -> bool:
-        if not self.pool.idle():
+        if not self.executor.idle():
             return False
         now = time.time()
         work = self.store.unfinished_work()
@@ -262,7 +262,7 @@ class Dispatcher(threading.Thread):
         assigned = False
         for a in decision.assignments:
             row = by_id[a.story_id]
-            worker = self.pool.workers[a.worker_id]
+            worker = self.executor.workers[a.worker_id]
             if worker.state != "idle" or row["queued_shot_id"] is None:
                 continue
             try:
@@ -276,7 +276,7 @@ class Dispatcher(threading.Thread):
             with self._lock:
                 self._running[attempt_id] = {"project": row["project"], "priority": row["priority"], "started": now,
                                              "estimate": a.estimated_s, "worker": worker.id}
-            self.pool.assign(worker, task)
+            self.executor.assign(worker, task)
             self.observers.attempt_started(task, worker_id=worker.id, project=row["project"], priority=row["priority"],
                                            queue_wait_s=max(0.0, now - (row["queued_at"] or now)), placement=a.placement)
             assigned = True
@@ -330,5 +330,5 @@ class Dispatcher(threading.Thread):
         etas = self._batch_etas
         batches = [{"batch_id": batch_id, "deadline": deadline, "eta": etas.get(batch_id)}
                    for batch_id, _open, deadline in self.store.open_batches()]
-        return {"workers": self.pool.snapshot(), "projects": projects, "batches": batches,
+        return {"workers": self.executor.snapshot(), "projects": projects, "batches": batches,
                 "cost_base_s": self.cost.base_s}

@@ -45,10 +45,10 @@ def build_executor(config: DaemonConfig) -> Executor:
         groups = ray_groups(config.device, config.workers, s.gpus_per_worker)
         log.info("ray executor: %d worker(s) (%s)", len(groups), ", ".join(g.name for g in groups))
         return RayExecutor(config.preset, groups, **common)
-    from storyfarm.scheduler.gpu_pool.processes import WorkerPool
+    from storyfarm.scheduler.gpu_pool.processes import ProcessExecutor
 
     groups = device_groups(config.device, config.workers, s.gpus_per_worker)
-    return WorkerPool(config.preset, groups, **common)
+    return ProcessExecutor(config.preset, groups, **common)
 
 
 def xid_watcher(config: DaemonConfig) -> XidWatcher | None:

@@ -80,7 +80,7 @@ class FarmCollector:
         farm = getattr(self.dispatcher, "farm_snapshot", None)
         if callable(farm):
             return farm()
-        pool = getattr(self.dispatcher, "pool", None)
+        pool = getattr(self.dispatcher, "executor", None)
         return {"workers": pool.snapshot() if pool is not None else [], "projects": {}, "batches": []}
 
     # -- parts -----------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ class FarmCollector:
                  "storyfarm_worker_gpu_memory_used_bytes", "storyfarm_worker_info", "storyfarm_latent_pool_stories")
         f = {name: self._family(name) for name in names}
         # NVML sees this host's GPUs only: Ray actors live on other nodes, so they are known by their reports.
-        local = getattr(getattr(self.dispatcher, "pool", None), "kind", "mp") != "ray"
+        local = getattr(getattr(self.dispatcher, "executor", None), "kind", "mp") != "ray"
         by_pid = self.nvml.process_memory() if local else {}
         reported = dict(getattr(self.reports, "reported_gpu_bytes", {}))
         uuids = dict(getattr(self.reports, "reported_gpu_uuid", {}))

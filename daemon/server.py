@@ -51,9 +51,9 @@ class Daemon:
         self.store = JobStore.open(config.data_dir / "storyfarm.db", max_attempts=config.max_attempts)
         self.artifacts = ArtifactStore(config.data_dir)
         self.hub = EventHub()
-        self.pool = build_executor(config)
+        self.executor = build_executor(config)
         self.metrics = DaemonMetrics(preset=self.preset.name, store=self.store)
-        self.dispatcher = Dispatcher(self.store, self.pool, self.artifacts, self.hub,
+        self.dispatcher = Dispatcher(self.store, self.executor, self.artifacts, self.hub,
                                      observers=Observers(self.metrics, LogObserver()), policy=policy_config(config),
                                      cost=cost_model(config), xid_watcher=xid_watcher(config))
         self.metrics.watch_farm(self.store, self.dispatcher)
@@ -107,11 +107,11 @@ class Daemon:
             self.metrics_server.start()
         except RuntimeError as exc:  # metrics observe the farm; they never keep it from running
             log.error("%s; serving without /metrics (Prometheus will report this daemon down)", exc)
-        self.pool.start()
+        self.executor.start()
         self.dispatcher.start()
         self.server.start()
         threading.Thread(target=self._mark_serving, name="storyfarm-health", daemon=True).start()
-        log.info("storyfarm listening on %s (preset %s, %d worker(s))", self.config.listen, self.preset.name, len(self.pool.workers))
+        log.info("storyfarm listening on %s (preset %s, %d worker(s))", self.config.listen, self.preset.name, len(self.executor.workers))
 
     def _add_port(self) -> int:
         tls = self.config.tls
@@ -125,7 +125,7 @@ class Daemon:
         return self.server.add_secure_port(self.config.listen, credentials)
 
     def _mark_serving(self) -> None:
-        while not self.stopped.is_set() and not self.pool.ready:
+        while not self.stopped.is_set() and not self.executor.ready:
             time.sleep(0.1)
         if not self.stopped.is_set():
             for name in ("", SERVICE):
@@ -137,16 +137,16 @@ class Daemon:
         if self.stopped.is_set():
             return
         self.stopped.set()
-        self.pool.stopping = True  # from here on a worker that dies is not replaced
+        self.executor.stopping = True  # from here on a worker that dies is not replaced
         self.servicer.accepting = False  # first: no submit slips in after health says NOT_SERVING
         self.health.enter_graceful_shutdown()
         self.dispatcher.draining = True
         deadline = time.monotonic() + self.config.grace_seconds
-        while time.monotonic() < deadline and any(w.task is not None for w in self.pool.workers.values()):
+        while time.monotonic() < deadline and any(w.task is not None for w in self.executor.workers.values()):
             time.sleep(0.2)
         self.dispatcher.stop()
         self.dispatcher.join(timeout=5)
-        self.pool.stop(grace=2.0)
+        self.executor.stop(grace=2.0)
         if self.server is not None:
             self.server.stop(grace=1.0).wait(5)
         self.metrics_server.stop()

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import grpc
-from PIL import Image
 
 from storyfarm.daemon import convert
 from storyfarm.daemon.artifacts import ArtifactError, ArtifactStore, OffsetOutOfRange
@@ -415,7 +414,10 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             self.hub.unsubscribe(record.id, updates)
 
     def _previews(self, story_id: str, record, shot_index: int):
-        """Small PNG thumbnails of the keyframes a shot added to the story's memory."""
+        """Small PNG thumbnails of the keyframes a shot added to the story's memory (PIL is imported
+        here, for watchers that ask for previews, not at the daemon's start-up)."""
+        from PIL import Image
+
         shot = next((s for s in record.shots if s.index == shot_index), None)
         for kid in (shot.result or {}).get("new_keyframes", []) if shot else []:
             path = self.artifacts.story_dir(story_id) / "keyframes" / f"{kid}.png"
@@ -475,7 +477,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY,
                   "dead": pb.WORKER_STATE_FAILED, "out_of_service": pb.WORKER_STATE_STOPPED}
         if self.dispatcher is not None:
-            for w in self.dispatcher.pool.snapshot():
+            for w in self.dispatcher.executor.snapshot():
                 error = w.get("error", "") if w["state"] in ("dead", "out_of_service") else ""
                 if w["state"] == "out_of_service":
                     error = f"out of service after repeated failures ({error})"
@@ -498,5 +500,5 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         if self.dispatcher is None:
             raise precondition("no worker pool", "WORKER_NOT_FOUND")
         self.dispatcher.draining = not request.undrain
-        busy = [w for w in self.dispatcher.pool.snapshot() if w["state"] == "busy"]
+        busy = [w for w in self.dispatcher.executor.snapshot() if w["state"] == "busy"]
         return pb.DrainResponse(draining=self.dispatcher.draining, running_shot_count=len(busy))

@@ -26,7 +26,7 @@ from storyfarm.daemon.errors import RpcError, invalid
 from storyfarm.daemon.store_records import ShotIn
 from storyfarm.story.files import atomic_output
 from storyfarm.story.presets import Preset
-from storyfarm.m2v.references import ReferenceImageError, load_reference_image
+from storyfarm.story.references import ReferenceImageError, open_reference_image
 from storyfarm.story.format import Story, StoryValidationError, check_against_model, parse_story
 from storyfarm.v1 import render_pb2 as pb
 
@@ -101,7 +101,7 @@ def _references(request: pb.SubmitStoryRequest, limits: LimitsConfig, folder: Pa
             continue
         (folder / ref.name).write_bytes(ref.data)
         try:
-            load_reference_image(folder / ref.name, field, max_pixels=limits.max_reference_pixels,
+            open_reference_image(folder / ref.name, field, max_pixels=limits.max_reference_pixels,
                                  max_bytes=limits.max_reference_bytes)
         except (ReferenceImageError, SyntaxError) as exc:  # Pillow reports some broken PNG chunks as SyntaxError
             problems.append((f"{field}.data", str(exc).split(": ", 1)[-1]))

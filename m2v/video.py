@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +27,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from storyfarm.story.files import atomic_output, fsync_dir  # noqa: F401  (re-exported)
+from storyfarm.story.files import atomic_output, fsync_dir, sha256_file  # noqa: F401  (re-exported)
+from storyfarm.story.references import open_reference_image
 
 PathLike = str | os.PathLike
 
@@ -36,6 +36,7 @@ __all__ = [
     "atomic_output",
     "concat_mp4",
     "contact_sheet",
+    "load_reference_image",
     "probe_mp4",
     "read_frame",
     "read_last_frames",
@@ -329,10 +330,7 @@ def _fit_label(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, wi
     return text + "..."
 
 
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def load_reference_image(path: PathLike, field: str, **limits) -> np.ndarray:
+    """A reference image as uint8 RGB [H, W, 3], checked by `storyfarm.story.references` (its
+    errors name `field`); `limits` are that check's max_pixels and max_bytes."""
+    return np.asarray(open_reference_image(path, field, **limits), dtype=np.uint8).copy()

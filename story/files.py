@@ -1,4 +1,5 @@
-"""Atomic file writes: what storyfarm publishes is either the whole new file or the old one.
+"""Atomic file writes and file hashes: what storyfarm publishes is either the whole new file or the
+old one, and its sha256 is read back the same way everywhere.
 
 Every writer of a published file (clips, keyframes, manifests, memory banks, daemon artifacts)
 goes through `atomic_output`: a temporary file in the destination folder, fsynced, renamed over
@@ -9,6 +10,7 @@ Temporaries are named `.<name>.<random>.tmp<suffix>` so a start-up sweep can rec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -63,3 +65,12 @@ def write_json(path: PathLike, data) -> None:
     """JSON (UTF-8, indented) written atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -32,7 +32,6 @@ from storyfarm.m2v.render.engine import Engine, ShotPlan
 from storyfarm.story.files import atomic_output, write_json
 from storyfarm.m2v.memory.keyframes import KeyframeSelector
 from storyfarm.m2v.memory.bank import MemoryBank
-from storyfarm.m2v.references import load_reference_image
 from storyfarm.m2v.render.sampler import SamplerSettings
 from storyfarm.m2v.render.shot_modes import csa_for_shot, edit_start, fifo_settings, render_frames
 from storyfarm.story.format import ShotSpec, Story, check_against_model
@@ -105,7 +104,7 @@ class StoryRenderer:
     def _add_references(self, bank: MemoryBank, paths, labels, field: str, for_shot: int | None) -> None:
         """Reference images join the memory with their CLIP embeddings, so shot keyframes that
         merely repeat a reference are de-duplicated against it."""
-        images = [load_reference_image(p, f"{field}[{i}]") for i, p in enumerate(paths)]
+        images = [video.load_reference_image(p, f"{field}[{i}]") for i, p in enumerate(paths)]
         embeddings = [self.selector.embedder.embed(img[None])[0] for img in images]
         bank.add_references(images, embeddings=embeddings, for_shot=for_shot, labels=list(labels) or None)
 
@@ -268,7 +267,7 @@ class StoryRenderer:
                 for k in bank.keyframes
             ],
             "shots": entries,
-            "latent_pool": self.engine.pool.stats.as_dict(),
+            "latent_pool": self.engine.latent_pool.stats.as_dict(),
         }
         if seconds_total is not None:
             manifest["seconds_total"] = round(seconds_total, 3)
@@ -298,7 +297,7 @@ class StoryRenderer:
                 if progress:
                     progress.shot_done(shot, entries[-1])
         finally:
-            self.engine.pool.release(f"story:{out.resolve()}")
+            self.engine.latent_pool.release(f"story:{out.resolve()}")
         return self.finish(story, out, entries, time.perf_counter() - started)
 
     def rerender(
@@ -339,7 +338,7 @@ class StoryRenderer:
                 if progress:
                     progress.shot_done(shot, entries[i])
         finally:
-            self.engine.pool.release(f"story:{out.resolve()}")
+            self.engine.latent_pool.release(f"story:{out.resolve()}")
         return self.finish(story, out, [entries[i] for i in sorted(entries)], time.perf_counter() - started)
 
 

@@ -115,7 +115,7 @@ class Engine:
         self.residency.park(experts_of(self))
         self.text = c.text
         self.window_replicas: list = []  # (device, m2v experts, t2v experts) per extra GPU for FIFO windows
-        self.pool = LatentPool(
+        self.latent_pool = LatentPool(
             self.device,
             budget_bytes=preset.pool.device_budget_mb << 20,
             cpu_budget_bytes=preset.pool.cpu_budget_mb << 20,
@@ -143,7 +143,7 @@ class Engine:
         return self.t2v_experts is not None
 
     def _text(self, prompt: str, namespace: str) -> torch.Tensor:
-        return self.pool.get_or_create((namespace, "text", _digest(prompt)), lambda: self.text.encode([prompt]))
+        return self.latent_pool.get_or_create((namespace, "text", _digest(prompt)), lambda: self.text.encode([prompt]))
 
     @staticmethod
     def latent_name(kid: str, image: np.ndarray) -> str:
@@ -158,16 +158,16 @@ class Engine:
         """The plan's keyframe latents the pool holds, by latent_name, on the CPU (to persist)."""
         out = {}
         for key in self._keyframe_keys(plan):
-            if key in self.pool:
-                out[key[2]] = self.pool.get(key).detach().to("cpu")
+            if key in self.latent_pool:
+                out[key[2]] = self.latent_pool.get(key).detach().to("cpu")
         return out
 
     def import_memory_latents(self, plan: ShotPlan, latents: dict[str, torch.Tensor]) -> int:
         """Seed the pool with persisted latents of the plan's keyframes; returns how many were used."""
         used = 0
         for key in self._keyframe_keys(plan):
-            if key not in self.pool and key[2] in latents:
-                self.pool.put(key, latents[key[2]])
+            if key not in self.latent_pool and key[2] in latents:
+                self.latent_pool.put(key, latents[key[2]])
                 used += 1
         return used
 
@@ -176,17 +176,17 @@ class Engine:
         if not plan.memory:
             return None
         keys = self._keyframe_keys(plan)
-        found = [self.pool.get(k) for k in keys]
+        found = [self.latent_pool.get(k) for k in keys]
         missing = [i for i, t in enumerate(found) if t is None]
         if missing:
             images = [fit_image(plan.memory[i][1], plan.width, plan.height) for i in missing]
             for i, latent in zip(missing, self.vae.encode_images(images)):
-                found[i] = self.pool.put(keys[i], latent)
+                found[i] = self.latent_pool.put(keys[i], latent)
         return torch.stack(found)
 
     def blank_clip(self, plan: ShotPlan) -> torch.Tensor:
         key = (SHARED, "blank_clip", plan.width, plan.height, plan.frames)
-        return self.pool.get_or_create(key, lambda: self.vae.encode_blank_clip(plan.frames, plan.width, plan.height))
+        return self.latent_pool.get_or_create(key, lambda: self.vae.encode_blank_clip(plan.frames, plan.width, plan.height))
 
     def render_shot(self, plan: ShotPlan, on_step: StepCallback | None = None) -> ShotRender:
         watch = _Stopwatch()

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, Ready, Release, ShotTask
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Executor:
                 if isinstance(msg, Failed) and msg.fatal:
                     worker.error = msg.error.splitlines()[0][:200]
                     self._replace(worker, msg.reason or "cuda_error")
-            elif not isinstance(msg, Progress) or worker.task is None or msg.attempt_id != worker.task.attempt_id:
+            elif not isinstance(msg, StageUpdate) or worker.task is None or msg.attempt_id != worker.task.attempt_id:
                 continue
             out.append(msg)
         return out

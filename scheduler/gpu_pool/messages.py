@@ -1,7 +1,7 @@
 """What the daemon and its render workers say to each other (picklable, no torch).
 
 The daemon hands a worker one ShotTask at a time; the worker answers with Ready once its models
-are loaded, Progress once per denoising step (and per stage), and exactly one Done or Failed per
+are loaded, StageUpdate once per denoising step (and per stage), and exactly one Done or Failed per
 task. Messages carry the attempt id so a late message from a replaced worker can be recognised
 and ignored.
 """
@@ -36,7 +36,7 @@ class Ready:
 
 
 @dataclass(frozen=True)
-class Progress:
+class StageUpdate:
     worker_id: str
     attempt_id: str
     shot_index: int

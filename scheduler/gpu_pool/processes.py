@@ -30,7 +30,7 @@ class _Process:
     replies: object  # the read end of the worker's own pipe
 
 
-class WorkerPool(Executor):
+class ProcessExecutor(Executor):
     kind = "mp"
 
     def __init__(self, preset: str, groups: list[DeviceGroup] | list[str], **kwargs):

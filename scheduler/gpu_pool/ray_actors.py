@@ -3,7 +3,7 @@
 A studio that outgrows one machine runs the same daemon as the driver of a Ray cluster: each
 device group becomes one actor with `num_gpus` set, in its own placement group with STRICT_PACK
 (its GPUs on one node, next to each other), running the same WorkerRuntime as a local process.
-Actor messages (Ready, Progress, Done, Failed) come back through one Ray queue, exactly like the
+Actor messages (Ready, StageUpdate, Done, Failed) come back through one Ray queue, exactly like the
 `mp` executor's shared queue, so supervision, heartbeats and replacement are the Executor's.
 A dead actor shows up when its pending call fails; a frozen one is killed by the heartbeat rule.
 """

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from storyfarm.scheduler.gpu_pool.logfmt import LOG_FORMAT_ENV, configure_logging
-from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, Ready, Release, ShotTask
 from storyfarm.scheduler.gpu_pool.faults import worker_fault
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,11 @@ class WorkerRuntime:
         return self.renderer.engine
 
     def release(self, story_dir: str) -> None:
-        self.engine.pool.release(f"story:{Path(story_dir).resolve()}")
+        self.engine.latent_pool.release(f"story:{Path(story_dir).resolve()}")
 
     def _progress(self, task: ShotTask, stage: str, step: int = 0, total: int = 0) -> None:
         self.stage = stage
-        self.send(Progress(self.worker_id, task.attempt_id, task.shot_index, stage, step, total))
+        self.send(StageUpdate(self.worker_id, task.attempt_id, task.shot_index, stage, step, total))
 
     def run(self, task: ShotTask, cancel) -> Done | Failed:
         """Render one task; never raises (every failure becomes a classified Failed)."""
@@ -137,7 +137,7 @@ class WorkerRuntime:
             if step == total:
                 self.stage = "vae_decode"
 
-        pool_before = engine.pool.stats.as_dict()
+        pool_before = engine.latent_pool.stats.as_dict()
         with low_memory(engine) if task.low_memory else nullcontext():
             entry = renderer.render_shot(story, shot, task.story_dir, on_step=on_step, edit=task.edit)
         files = [entry["file"]]
@@ -147,13 +147,13 @@ class WorkerRuntime:
             manifest = renderer.finish(story, task.story_dir, sorted([*task.entries, entry], key=lambda e: e["index"]))
             files += ["story.mp4", "contact_sheet.png", "manifest.json"] + [k["file"] for k in manifest["keyframes"]]
             self.release(task.story_dir)  # the story ended: free its memory
-        resident = len(engine.pool.namespaces() - {"shared"})
+        resident = len(engine.latent_pool.namespaces() - {"shared"})
         return Done(self.worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started,
                     resident, stats=self._stats(entry, steps, pool_before))
 
     def _stats(self, entry: dict, steps: list[float], pool_before: dict) -> dict:
         engine = self.engine
-        pool = engine.pool.stats.as_dict()
+        pool = engine.latent_pool.stats.as_dict()
         fps = entry.get("fps") or 0
         stats = {
             "stages": dict(entry.get("seconds", {})),
@@ -163,7 +163,7 @@ class WorkerRuntime:
             "memory_frames": len(entry.get("memory_keyframes", [])),
             "pool": {
                 "resident_bytes": pool["device_bytes"], "cpu_bytes": pool["cpu_bytes"],
-                "stories": len(engine.pool.namespaces() - {"shared"}),
+                "stories": len(engine.latent_pool.namespaces() - {"shared"}),
                 "hits": pool["hits"] - pool_before["hits"], "misses": pool["misses"] - pool_before["misses"],
                 "queries": (pool["hits"] + pool["misses"]) - (pool_before["hits"] + pool_before["misses"]),
                 "evictions": (pool["spills"] + pool["drops"]) - (pool_before["spills"] + pool_before["drops"]),

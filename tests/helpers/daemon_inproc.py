@@ -38,7 +38,7 @@ def running_daemon(data: Path, *, workers: int = 1, ready_workers: int = 1, time
                 serving = health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
                 serving = False
-            if serving and sum(w["state"] == "idle" for w in daemon.pool.snapshot()) >= ready_workers:
+            if serving and sum(w["state"] == "idle" for w in daemon.executor.snapshot()) >= ready_workers:
                 break
             assert time.monotonic() < deadline, f"daemon never SERVING with {ready_workers} idle worker(s)"
             time.sleep(0.2)

@@ -141,7 +141,7 @@ def farm(tmp_path_factory):
         prom.wait_ready(process, tmp / "prometheus.log")
         prom.wait_for('up{job="storyfarm"} == 1', "the daemon's /metrics")
         deadline = time.monotonic() + 120
-        while not daemon.pool.ready:
+        while not daemon.executor.ready:
             assert time.monotonic() < deadline, "the worker never loaded its model"
             time.sleep(0.2)
         yield daemon, render_pb2_grpc.RenderServiceStub(channel), prom, tmp

@@ -44,10 +44,10 @@ def test_daemon_renders_through_ray_actors_and_replaces_a_killed_one(tmp_path):
     d = Daemon(config)
     try:
         d.start()
-        assert d.pool.kind == "ray"
+        assert d.executor.kind == "ray"
         stub = render_pb2_grpc.RenderServiceStub(grpc.insecure_channel(f"127.0.0.1:{d.port}"))
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{d.port}"))
-        wait(lambda: sum(w["state"] == "idle" for w in d.pool.snapshot()) == 2, "two ray workers never got ready")
+        wait(lambda: sum(w["state"] == "idle" for w in d.executor.snapshot()) == 2, "two ray workers never got ready")
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         from ray.util import placement_group_table
 
@@ -55,7 +55,7 @@ def test_daemon_renders_through_ray_actors_and_replaces_a_killed_one(tmp_path):
         assert len(groups) == 2 and all(g["strategy"] == "STRICT_PACK" for g in groups)
 
         story_id = stub.SubmitStory(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=story("ray", steps=30))).story_id
-        victim = wait(lambda: next((w for w in d.pool.workers.values()
+        victim = wait(lambda: next((w for w in d.executor.workers.values()
                                     if w.task is not None and w.task.story_id == story_id and w.task.shot_index == 1), None),
                       "shot 1 never started on a ray worker")
         ray.kill(victim.runtime.actor, no_restart=True)
@@ -65,7 +65,7 @@ def test_daemon_renders_through_ray_actors_and_replaces_a_killed_one(tmp_path):
         shot = d.store.get_story(story_id).shots[1]
         outcomes = [(a.worker, a.outcome) for a in d.store.attempts(shot.id)]
         assert outcomes[0] == (victim.id, "lost") and outcomes[-1][1] == "succeeded"
-        assert d.pool.restarts >= 1
+        assert d.executor.restarts >= 1
         files = {a.name for a in d.store.get_story(story_id).artifacts}
         assert {"story.mp4", "manifest.json"} <= files
     finally:

@@ -58,7 +58,7 @@ def test_four_concurrent_stories_each_stay_on_one_worker(farm):
         assert len(workers) == 1, f"story {story_id} moved between workers: {per_shot}"
         used |= workers
     assert used == {"w0", "w1"}  # both workers rendered
-    assert d.pool.restarts == 0
+    assert d.executor.restarts == 0
 
 
 def test_a_worker_killed_mid_shot_reruns_that_shot_elsewhere_with_the_story_intact(farm):
@@ -68,7 +68,7 @@ def test_a_worker_killed_mid_shot_reruns_that_shot_elsewhere_with_the_story_inta
     deadline = time.monotonic() + 240
     victim = None
     while victim is None:
-        for w in list(d.pool.workers.values()):
+        for w in list(d.executor.workers.values()):
             if w.task is not None and w.task.story_id == story_id and w.task.shot_index == 1:
                 victim = w
                 break
@@ -82,7 +82,7 @@ def test_a_worker_killed_mid_shot_reruns_that_shot_elsewhere_with_the_story_inta
     assert per_shot[1][1][1] == "succeeded" and per_shot[1][1][0] != victim_id  # re-run on the other worker
     assert d.store.get_story(story_id).shots[1].attempts == 2
     assert d.store.shot(d.store.get_story(story_id).shots[1].id).error is None
-    assert d.pool.restarts >= 1
+    assert d.executor.restarts >= 1
     # the same story rendered undisturbed gives the same shots, byte for byte
     control = submit(stub, text)
     assert wait_final(stub, control).state == pb.STORY_STATE_SUCCEEDED

@@ -88,7 +88,7 @@ class SharedDaemon:
         finished writing (a test that checks "nothing written" must not see their files)."""
         deadline = time.monotonic() + timeout
         while (self.daemon.store.count_shots_by_state().get("running")
-               or any(w["state"] != "idle" for w in self.daemon.dispatcher.pool.snapshot())
+               or any(w["state"] != "idle" for w in self.daemon.dispatcher.executor.snapshot())
                or self.daemon.store.count_shots_by_state().get("queued")):
             assert time.monotonic() < deadline, "the shared daemon did not settle"
             time.sleep(0.1)

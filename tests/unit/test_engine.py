@@ -55,7 +55,7 @@ def test_keyframe_latents_are_encoded_once(tiny_engine, monkeypatch):
     tiny_engine.render_shot(plan(story_key=key, memory=[("a", image(0)), ("b", image(1))]))
     tiny_engine.render_shot(plan(story_key=key, memory=[("a", image(0)), ("b", image(1)), ("c", image(2))]))
     assert calls == [2, 1]  # the second shot encodes only the new keyframe
-    assert tiny_engine.pool.release(key) == 3 + 1  # 3 keyframe latents + the (same) prompt, story namespace
+    assert tiny_engine.latent_pool.release(key) == 3 + 1  # 3 keyframe latents + the (same) prompt, story namespace
 
 
 def test_first_shot_uses_t2v_pair_only_without_memory(tiny_engine):

@@ -8,7 +8,7 @@ import pytest
 
 from storyfarm.scheduler.gpu_pool.executor import DeviceGroup, Executor, SupervisionConfig
 from storyfarm.scheduler.gpu_pool.gpus import XidWatcher, device_groups, discover
-from storyfarm.scheduler.gpu_pool.messages import Done, Failed, Progress, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, Ready, Release, ShotTask
 
 
 class Clock:
@@ -74,8 +74,8 @@ def test_a_silent_busy_worker_is_killed_before_its_shot_comes_back():
     ready(ex, "w0", "w1")
     ex.assign(ex.workers["w0"], task())
     clock.t += 20
-    ex.inbox.append(Progress("w0", "at1", 0, "denoise", 1, 4))  # a heartbeat
-    assert [type(m) for m in ex.poll()] == [Progress]
+    ex.inbox.append(StageUpdate("w0", "at1", 0, "denoise", 1, 4))  # a heartbeat
+    assert [type(m) for m in ex.poll()] == [StageUpdate]
     clock.t += 25  # 25 s since the last message: still within 30
     assert ex.supervise() == []
     clock.t += 10

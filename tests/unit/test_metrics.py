@@ -232,7 +232,7 @@ def test_without_a_farm_snapshot_the_pool_and_the_store_stand_in_and_a_broken_pa
     pool = SimpleNamespace(kind="mp", snapshot=lambda: [{"id": "w0", "device": "cpu", "state": "busy", "pid": 1,
                                                          "story_id": story, "shot_index": 0, "resident_stories": 1}])
     m = DaemonMetrics(preset="tiny")
-    m.watch_farm(store, SimpleNamespace(pool=pool, draining=False), nvml=Nvml(FakeNvmlModule()))
+    m.watch_farm(store, SimpleNamespace(executor=pool, draining=False), nvml=Nvml(FakeNvmlModule()))
     assert value(m, "storyfarm_project_running_shots", project="vfx") == 1
     assert value(m, "storyfarm_batch_deadline_timestamp_seconds", batch="b") == 50.0
     assert value(m, "storyfarm_batch_eta_timestamp_seconds", batch="b") is None

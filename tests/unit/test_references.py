@@ -14,7 +14,8 @@ from storyfarm.daemon.config import LimitsConfig
 from storyfarm.daemon.errors import RpcError
 from storyfarm.daemon.submit import check_submit, store_references
 from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
-from storyfarm.m2v.references import ReferenceImageError, load_reference_image
+from storyfarm.m2v.video import load_reference_image
+from storyfarm.story.references import ReferenceImageError
 from storyfarm.story.format import check_against_model, parse_story
 from storyfarm.v1 import render_pb2 as pb
 

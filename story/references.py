@@ -3,14 +3,14 @@
 Images come from users, so they are untrusted: only PNG, JPEG and WebP, at most 64 MiB on disk,
 at most 40 megapixels decoded (checked from the header before decoding, which defeats
 decompression bombs), at least 16 px a side. Errors name the story field the path came from.
+
+The daemon checks every submitted image here, so PIL is imported inside `open_reference_image`
+only: the daemon's parent imports it when a story brings images, never at start-up.
 """
 
 from __future__ import annotations
 
 import os
-
-import numpy as np
-from PIL import Image
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_FILE_BYTES = 64 << 20
@@ -22,9 +22,11 @@ class ReferenceImageError(ValueError):
     pass
 
 
-def load_reference_image(path: str | os.PathLike, field: str, *, max_pixels: int = MAX_PIXELS,
-                         max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
-    """Decode a reference image to uint8 RGB [H, W, 3], or raise ReferenceImageError naming `field`."""
+def open_reference_image(path: str | os.PathLike, field: str, *, max_pixels: int = MAX_PIXELS,
+                         max_bytes: int = MAX_FILE_BYTES):
+    """Decode a reference image to an RGB PIL image, or raise ReferenceImageError naming `field`."""
+    from PIL import Image
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ReferenceImageError(f"{field}: no such image file {path}")
@@ -47,4 +49,4 @@ def load_reference_image(path: str | os.PathLike, field: str, *, max_pixels: int
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ReferenceImageError(f"{field}: {path} is not a readable image: {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8).copy()
+    return rgb
