@@ -1,8 +1,9 @@
 """Loading a preset's model set: random-weight builds or local checkpoints, plus keyframe tools.
 
 This is the one place that turns a Preset into live modules, so the engine and (later) workers
-never care where weights came from. Local loading goes through m2v.weights (safetensors only,
-both diffusers and original Wan key layouts) and m2v.lora (StoryMem's per-expert rsLoRA files).
+never care where weights came from. Local loading goes through m2v.model.wan_loaders
+(safetensors only, both diffusers and original Wan key layouts) and m2v.model.lora (StoryMem's
+per-expert rsLoRA files).
 """
 
 from __future__ import annotations
@@ -84,12 +85,12 @@ def _random_components(preset: Preset, device, dtype, expert_device) -> Componen
 
 def _check_fit(preset: Preset, device: str, dtype, expert_placement: str) -> None:
     """On CUDA, refuse a `both` placement whose experts cannot all be resident, before loading any."""
-    from storyfarm.m2v.model import weights as W
+    from storyfarm.m2v.model.wan_loaders import wan_pair_bytes
 
     if not device.startswith("cuda") or expert_placement != "both":
         return
     folders = [preset.weights.base] + ([preset.weights.t2v] if preset.weights.t2v else [])
-    expert_bytes = sum(W.wan_pair_bytes(folder, dtype) for folder in folders)
+    expert_bytes = sum(wan_pair_bytes(folder, dtype) for folder in folders)
     if preset.runtime.fp8:
         expert_bytes //= 2  # the block linears (nearly all of an expert) become 1-byte weights
     free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -97,12 +98,12 @@ def _check_fit(preset: Preset, device: str, dtype, expert_placement: str) -> Non
 
 
 def _local_components(preset: Preset, device, dtype, expert_device) -> Components:
-    from storyfarm.m2v.model import weights as W
     from storyfarm.m2v.memory.keyframes import TransformersCLIPEmbedder
     from storyfarm.m2v.model.lora import load_storymem_lora
+    from storyfarm.m2v.model.wan_loaders import load_text_encoder, load_wan_pair, load_wan_vae
 
     paths = preset.weights
-    high, low, info = W.load_wan_pair(paths.base, dtype=dtype, device=expert_device)
+    high, low, info = load_wan_pair(paths.base, dtype=dtype, device=expert_device)
     lora_info = None
     if paths.lora is not None:
         lora = paths.lora
@@ -113,11 +114,11 @@ def _local_components(preset: Preset, device, dtype, expert_device) -> Component
         }
     t2v = None
     if paths.t2v:
-        t_high, t_low, _ = W.load_wan_pair(paths.t2v, dtype=dtype, device=expert_device)
+        t_high, t_low, _ = load_wan_pair(paths.t2v, dtype=dtype, device=expert_device)
         t2v = _pair(t_high, t_low, "t2v_", expert_device, dtype)
     vae_path = paths.vae or paths.base  # load_wan_vae finds vae/ or Wan2.1_VAE.safetensors
-    vae = W.load_wan_vae(vae_path, dtype=torch.float32 if device == "cpu" else dtype, device=device)
-    tokenizer, text_model = W.load_text_encoder(paths.text_encoder or paths.base, dtype=dtype, device=device)
+    vae = load_wan_vae(vae_path, dtype=torch.float32 if device == "cpu" else dtype, device=device)
+    tokenizer, text_model = load_text_encoder(paths.text_encoder or paths.base, dtype=dtype, device=device)
     if not paths.clip:
         raise ValueError(f"{preset.origin}: weights.clip: a local CLIP ViT-B/32 folder is required for keyframe selection")
     return Components(

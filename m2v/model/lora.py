@@ -24,7 +24,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from storyfarm.m2v.model.weights import CheckpointError, read_safetensors, read_safetensors_header
+from storyfarm.m2v.model.checkpoint_files import CheckpointError, read_safetensors, read_safetensors_header
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.")
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")

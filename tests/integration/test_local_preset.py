@@ -21,7 +21,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from storyfarm.story.presets import load_preset
 from storyfarm.m2v.model.tiny import build_tiny_components
-from storyfarm.m2v.model.weights import to_wan_original_state_dict, to_wan_original_vae_state_dict
+from storyfarm.m2v.model.wan_layouts import to_wan_original_state_dict, to_wan_original_vae_state_dict
 
 CLI = str(Path(sys.executable).with_name("storyfarm"))
 LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
@@ -164,7 +164,7 @@ def test_pickled_weights_are_refused(model_root, tmp_path):
 
 @pytest.mark.parametrize("layout", ["Wan2.2-I2V-A14B-Diffusers", "Wan2.2-I2V-A14B"])
 def test_expert_bytes_come_from_the_headers_alone(model_root, layout):
-    from storyfarm.m2v.model.weights import load_wan_pair, wan_pair_bytes
+    from storyfarm.m2v.model.wan_loaders import load_wan_pair, wan_pair_bytes
 
     high, low, _ = load_wan_pair(model_root / layout, dtype=torch.bfloat16)
     loaded = sum(p.numel() * 2 for model in (high, low) for p in model.parameters())

@@ -19,7 +19,8 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from storyfarm.m2v.model.lora import load_storymem_lora
-from storyfarm.m2v.model.weights import CheckpointError, load_wan_expert, load_wan_vae, read_safetensors_header
+from storyfarm.m2v.model.checkpoint_files import CheckpointError, read_safetensors_header
+from storyfarm.m2v.model.wan_loaders import load_wan_expert, load_wan_vae
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from storyfarm.m2v.model.lora import load_storymem_lora, set_strength
-from storyfarm.m2v.model.weights import CheckpointError
+from storyfarm.m2v.model.checkpoint_files import CheckpointError
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
             out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,

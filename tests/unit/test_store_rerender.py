@@ -8,10 +8,9 @@ import sqlite3
 
 import pytest
 
+from helpers.job_store import artifact, run, sha, states, submit, tick
 from storyfarm.daemon import store_schema
 from storyfarm.daemon.store import ArtifactIn, IdempotencyConflict, JobStore, NotFound, StateError
-
-from test_store import artifact, run, sha, states, submit, tick  # noqa: E402  (the store tests' helpers)
 
 
 @pytest.fixture

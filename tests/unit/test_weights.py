@@ -1,4 +1,5 @@
-"""m2v.weights on tiny checkpoints written here, in diffusers' and in Wan's original key layouts."""
+"""m2v.model's checkpoint loading (checkpoint_files, wan_layouts, wan_loaders) on tiny checkpoints
+written here, in diffusers' and in Wan's original key layouts."""
 
 from __future__ import annotations
 
@@ -15,17 +16,13 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors.torch import save_file
 
-from storyfarm.m2v.model.weights import (
-    CheckpointError,
+from storyfarm.m2v.model.checkpoint_files import CheckpointError, read_safetensors
+from storyfarm.m2v.model.wan_layouts import (
     detect_layout,
-    load_text_encoder,
-    load_wan_expert,
-    load_wan_pair,
-    load_wan_vae,
-    read_safetensors,
     to_wan_original_state_dict,
     to_wan_original_vae_state_dict,
 )
+from storyfarm.m2v.model.wan_loaders import load_text_encoder, load_wan_expert, load_wan_pair, load_wan_vae
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
             out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
