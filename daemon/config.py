@@ -29,10 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storyfarm.story.presets import VAR_PATTERN, deep_merge, format_validation_errors
+from storyfarm.story.config import deep_merge, expand_vars, format_validation_errors, read_mapping
 
 MiB = 1 << 20
 # One 832x480, 81-frame, 40-step shot is 1.29e9 pixel-frame-steps; 1280x720 at 81 frames and 40
@@ -180,6 +179,7 @@ class RayConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     executor: Literal["mp", "ray"] = "mp"
+    worker: Literal["render", "fake"] = "render"  # fake: renders nothing (measures the daemon alone)
     gpus_per_worker: int = Field(1, ge=1)
     expert_placement: Literal["both", "swap"] = "both"
     move_cost_s: float = Field(20.0, ge=0)
@@ -259,24 +259,6 @@ def check_exposure(config: DaemonConfig) -> None:
     )
 
 
-def _expand_vars(value: Any, where: str, origin: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand_vars(v, f"{where}.{k}" if where else str(k), origin) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_vars(v, f"{where}.{i}", origin) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        found = os.environ.get(m.group(1), m.group(2))
-        if found is None:
-            raise ConfigError(f"{origin}: {where}: environment variable {m.group(1)} is not set "
-                              f"(write ${{{m.group(1)}:-default}} to give a fallback)")
-        return found
-
-    return VAR_PATTERN.sub(sub, value)
-
-
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     """Flags as a dict: None means 'not given'; dotted keys (`limits.max_shots`) are nested."""
     out: dict[str, Any] = {}
@@ -308,15 +290,8 @@ def _read_file(path: str) -> tuple[dict[str, Any], str]:
     if not file.is_file():
         raise ConfigError(f"config: no such file {path}")
     origin = str(file)
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}, origin
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping at the top level")
-    return _expand_vars(data, "", origin), origin
+    data = read_mapping(file.read_text(), origin, ConfigError)
+    return expand_vars(data, "", origin, ConfigError), origin
 
 
 def _validate(data: dict[str, Any], origin: str) -> DaemonConfig:

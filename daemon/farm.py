@@ -2,7 +2,8 @@
 device groups and supervision rules, the placement policy and the first cost model.
 
 Kept apart from server.py so the policy inputs (quotas, expert placement, move cost) are read in
-one place, and so `executor: ray` imports Ray only when asked for.
+one place, and so `executor: ray` imports Ray only when asked for. `worker` picks what the workers
+run (the model, or the fake that renders nothing) by name, as a dotted path the workers import.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import logging
 
 from storyfarm.daemon.config import DaemonConfig
+from storyfarm.story.presets import Preset
 from storyfarm.scheduler.gpu_pool.executor import Executor, SupervisionConfig
 from storyfarm.scheduler.gpu_pool.gpus import XidWatcher, device_groups
+from storyfarm.scheduler.gpu_pool.worker_loop import WORKER_FACTORIES
 from storyfarm.scheduler.policy import CostModel, PolicyConfig, ProjectQuota
 
 log = logging.getLogger(__name__)
@@ -28,16 +31,21 @@ def policy_config(config: DaemonConfig) -> PolicyConfig:
                         default_quota=quota(s.default_project))
 
 
-def cost_model(config: DaemonConfig) -> CostModel:
+def cost_model(config: DaemonConfig, preset: Preset) -> CostModel:
+    """The operator's cost settings, with the memory window of the preset the workers load (a
+    shot never sees more than `memory.max_size` memory frames, so its cost stops growing there)."""
     c = config.scheduler.cost
-    return CostModel(base_s=c.base_s, growth_per_memory_frame=c.growth_per_memory_frame, swap_s=c.swap_s)
+    return CostModel(base_s=c.base_s, growth_per_memory_frame=c.growth_per_memory_frame, swap_s=c.swap_s,
+                     max_memory_frames=preset.memory.max_size)
 
 
 def build_executor(config: DaemonConfig) -> Executor:
     s = config.scheduler
     supervision = SupervisionConfig(heartbeat_timeout_s=s.heartbeat_timeout_s, start_timeout_s=s.start_timeout_s,
                                     failure_limit=s.failure_limit, failure_window_s=s.failure_window_s)
-    common = {"expert_placement": s.expert_placement, "supervision": supervision}
+    # a dotted path, imported only inside the workers: the daemon never imports what renders
+    common = {"expert_placement": s.expert_placement, "supervision": supervision,
+              "worker_factory": WORKER_FACTORIES[s.worker]}
     if s.executor == "ray":
         from storyfarm.scheduler.gpu_pool.ray_actors import RayExecutor, connect_ray, ray_groups
 

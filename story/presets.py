@@ -9,14 +9,13 @@ default). Paths may use ${VAR} and ${VAR:-default}; relative paths are relative 
 from __future__ import annotations
 
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from storyfarm.story.config import deep_merge, expand_vars, format_validation_errors, read_mapping
 from storyfarm.story.kernel_choices import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SHAPES, ROPE_KERNELS, VAE_TILING, check_attention_choice
 from storyfarm.story.format import ModelLimits
 
@@ -183,48 +182,28 @@ class Preset(_Strict):
         )
 
 
-VAR_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_path(value: str, base_dir: Path) -> str:
-    def sub(m):
-        return os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0))
-
-    expanded = os.path.expanduser(VAR_PATTERN.sub(sub, value))
+def expand_path(value: str, base_dir: Path, where: str, origin: str) -> str:
+    """A weight path from a preset: `${VAR}` expanded (strictly, as the daemon config does), `~`
+    expanded, and relative paths taken from the preset file's folder."""
+    expanded = os.path.expanduser(expand_vars(value, where, origin, PresetError))
     return str((base_dir / expanded).resolve()) if not os.path.isabs(expanded) else expanded
 
 
-def _expand_weight_paths(data: dict, base_dir: Path) -> dict:
+def _expand_weight_paths(data: dict, base_dir: Path, origin: str) -> dict:
     weights = data.get("weights")
     if not isinstance(weights, dict):
         return data
     out = dict(weights)
     for key in ("base", "vae", "text_encoder", "t2v", "clip", "hpsv3"):
         if isinstance(out.get(key), str):
-            out[key] = expand_path(out[key], base_dir)
+            out[key] = expand_path(out[key], base_dir, f"weights.{key}", origin)
     if isinstance(out.get("lora"), dict):
         lora = dict(out["lora"])
         for key in ("high_noise", "low_noise"):
             if isinstance(lora.get(key), str):
-                lora[key] = expand_path(lora[key], base_dir)
+                lora[key] = expand_path(lora[key], base_dir, f"weights.lora.{key}", origin)
         out["lora"] = lora
     return {**data, "weights": out}
-
-
-def format_validation_errors(exc: ValidationError, origin: str) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{origin}: {path}: {msg}")
-    return "\n".join(lines)
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def packaged_presets() -> list[str]:
@@ -244,15 +223,10 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> Preset:
         if not res.is_file():
             raise PresetError(f"preset: unknown preset {name_or_path!r}; packaged presets: {', '.join(packaged_presets())}")
         text, origin, base_dir = res.read_text(), f"preset {name_or_path}", Path(str(res)).parent
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PresetError(f"{origin}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise PresetError(f"{origin}: expected a mapping at the top level")
+    data = read_mapping(text, origin, PresetError)
     if overrides:
         data = deep_merge(data, overrides)
-    data = _expand_weight_paths(data, base_dir)
+    data = _expand_weight_paths(data, base_dir, origin)
     data["origin"] = origin
     try:
         preset = Preset.model_validate(data)

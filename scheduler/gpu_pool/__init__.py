@@ -2,8 +2,9 @@
 
 - executor: supervision shared by every executor (heartbeats, replacement, out of service);
 - processes: the `mp` executor (spawned processes on this host); ray_actors: the `ray` executor;
-- worker: the loop a worker runs and the factory seam (`worker_factory`) that builds what renders:
-  the model runtime in production, `fake` (renders nothing) where only the daemon is measured;
+- worker_loop: the loop a worker runs and the factory seam (`worker_factory`, a dotted path imported
+  only inside the worker) that builds what renders: `render`, worker.WorkerRuntime (the model), in
+  production; `fake`, fake.FakeWorker (renders nothing), where only the daemon is measured or tested;
 - messages: what the daemon and its workers say to each other; gpus: NVML discovery;
 - faults: injected faults for the reliability suite; logfmt: the log formats daemon and workers share.
 """

@@ -12,6 +12,7 @@ is launched, messaged, checked and killed; everything about supervision lives he
   `failure_limit` times within `failure_window_s` is taken out of service (no more respawns) and
   the scheduler stops placing work there;
 - replacements of a failing group back off (1 s, 2 s, 4 s ... up to a minute).
+What a worker runs is `worker_factory`, a dotted path imported only inside the worker (worker_loop).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.worker_loop import DEFAULT_WORKER_FACTORY, check_factory
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +89,12 @@ class Executor:
 
     def __init__(self, preset: str, groups: list[DeviceGroup], *, threads: int | None = None,
                  expert_placement: str = "both", supervision: SupervisionConfig | None = None,
-                 on_event=None, clock=time.monotonic):
+                 on_event=None, clock=time.monotonic, worker_factory: str = DEFAULT_WORKER_FACTORY):
         if not groups:
             raise ValueError("an executor needs at least one device group")
         self.preset, self.groups, self.threads = preset, groups, threads
         self.expert_placement = expert_placement
+        self.worker_factory = check_factory(worker_factory)  # imported by the worker, never here
         self.supervision = supervision or SupervisionConfig()
         self.on_event = on_event or (lambda *a, **k: None)
         self.clock = clock

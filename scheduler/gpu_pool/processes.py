@@ -6,7 +6,8 @@ per-worker Event the worker checks at every step. Each worker answers on a pipe 
 on a queue shared with the others: a worker SIGKILLed in the middle of a write would otherwise die
 holding the shared queue's lock and silence every other worker. A pipe has one writer; a torn
 message ends in EOF for that worker alone. Supervision (heartbeats, replacement, out of service)
-is the Executor's.
+is the Executor's. The spawn target is worker_loop.worker_main, which imports what
+`worker_factory` names only in the child, so this module pulls no model code into the parent.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from multiprocessing.connection import wait
 
 from storyfarm.scheduler.gpu_pool.executor import DeviceGroup, Executor, WorkerHandle
 from storyfarm.scheduler.gpu_pool.messages import ShotTask
-from storyfarm.scheduler.gpu_pool.worker import worker_main
+from storyfarm.scheduler.gpu_pool.worker_loop import worker_main
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ProcessExecutor(Executor):
         process = self._ctx.Process(
             target=worker_main, name=f"storyfarm-worker-{handle.id}",
             args=(handle.id, self.preset, handle.group.device, inbox, writer, cancel, self.threads,
-                  self.expert_placement, handle.group.visible),
+                  self.expert_placement, handle.group.visible, self.worker_factory),
             daemon=True,
         )
         process.start()

@@ -2,7 +2,8 @@
 
 A studio that outgrows one machine runs the same daemon as the driver of a Ray cluster: each
 device group becomes one actor with `num_gpus` set, in its own placement group with STRICT_PACK
-(its GPUs on one node, next to each other), running the same WorkerRuntime as a local process.
+(its GPUs on one node, next to each other), running what `worker_factory` names (the model's
+WorkerRuntime by default), built inside the actor as in a local process.
 Actor messages (Ready, StageUpdate, Done, Failed) come back through one Ray queue, exactly like the
 `mp` executor's shared queue, so supervision, heartbeats and replacement are the Executor's.
 A dead actor shows up when its pending call fails; a frozen one is killed by the heartbeat rule.
@@ -17,33 +18,33 @@ from dataclasses import dataclass
 
 from storyfarm.scheduler.gpu_pool.executor import DeviceGroup, Executor, WorkerHandle
 from storyfarm.scheduler.gpu_pool.messages import Release, ShotTask
+from storyfarm.scheduler.gpu_pool.worker_loop import DEFAULT_WORKER_FACTORY, build_runtime
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 5.0
 
 
 class RayWorker:
-    """The actor body (made remote in `_actor_class`): one WorkerRuntime, a cancel flag that a
-    second actor thread can set while a shot renders."""
+    """The actor body (made remote in `_actor_class`): the runtime `worker_factory` names (built
+    here, inside the actor), a cancel flag that a second actor thread can set while a shot renders."""
 
     def __init__(self, worker_id: str, preset: str, device: str, outbox, threads: int | None, expert_placement: str,
-                 group_size: int = 1):
-        from storyfarm.scheduler.gpu_pool.worker import WorkerRuntime
-
-        self.outbox = outbox
+                 group_size: int = 1, worker_factory: str = DEFAULT_WORKER_FACTORY):
+        self.worker_id, self.outbox = worker_id, outbox
         self.cancel_flag = threading.Event()
-        self.runtime = WorkerRuntime(worker_id, preset, device, outbox.put, threads=threads,
-                                     expert_placement=expert_placement,
-                                     extra_devices=tuple(f"cuda:{i}" for i in range(1, group_size)))
+        self.runtime = None
+        self._build = lambda: build_runtime(worker_factory, worker_id, preset, device, outbox.put, threads=threads,
+                                            expert_placement=expert_placement, group_size=group_size)
 
     def load(self) -> bool:
         from storyfarm.scheduler.gpu_pool.messages import Failed
 
         try:
+            self.runtime = self._build()
             self.outbox.put(self.runtime.load())
             return True
         except BaseException as exc:  # noqa: BLE001 - every start failure goes to the driver
-            self.outbox.put(Failed(self.runtime.worker_id, None, f"worker failed to start: {exc!r}", fatal=True,
+            self.outbox.put(Failed(self.worker_id, None, f"worker failed to start: {exc!r}", fatal=True,
                                    reason="start_failed"))
             return False
 
@@ -122,7 +123,7 @@ class RayExecutor(Executor):
             num_cpus=1, num_gpus=gpus, name=None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
         ).remote(handle.id, self.preset, handle.group.device, self.outbox, self.threads, self.expert_placement,
-                 max(1, gpus))
+                 max(1, gpus), self.worker_factory)
         handle.runtime = _Actor(actor, pg, actor.load.remote())
 
     def _send(self, handle: WorkerHandle, message) -> None:

@@ -50,3 +50,22 @@ def test_bad_presets_name_the_field(tmp_path, body, needle):
 def test_unknown_preset_lists_the_packaged_ones():
     with pytest.raises(PresetError, match="tiny"):
         load_preset("no-such-preset")
+
+
+def test_an_unset_variable_without_a_default_is_an_error_as_in_the_daemon_config(tmp_path, monkeypatch):
+    """One ${VAR} expander (storyfarm.story.config) for presets and the daemon config: a preset
+    used to keep the literal `${VAR}` in its weight path and fail later, far from the cause."""
+    from storyfarm.daemon.config import ConfigError, load_config
+
+    monkeypatch.delenv("SF_TEST_NOPE", raising=False)
+    monkeypatch.setenv("SF_TEST_ROOT", "/srv/w")
+    f = tmp_path / "p.yaml"
+    f.write_text("name: x\nsource: local\nweights: {base: '${SF_TEST_ROOT}/wan', lora: {high_noise: '${SF_TEST_NOPE}/h.safetensors'}}\n")
+    with pytest.raises(PresetError, match=r"p.yaml: weights.lora.high_noise: environment variable SF_TEST_NOPE is not set"):
+        load_preset(str(f))
+    f.write_text("name: x\nsource: local\nweights: {base: '${SF_TEST_ROOT}/wan', t2v: '${SF_TEST_NOPE:-/opt}/t2v'}\n")
+    assert (load_preset(str(f)).weights.base, load_preset(str(f)).weights.t2v) == ("/srv/w/wan", "/opt/t2v")
+    c = tmp_path / "daemon.yaml"
+    c.write_text("data_dir: ${SF_TEST_NOPE}/x\n")
+    with pytest.raises(ConfigError, match=r"daemon.yaml: data_dir: environment variable SF_TEST_NOPE is not set"):
+        load_config(c)
