@@ -10,7 +10,7 @@ Invariants:
 - no symlink on the way: every existing component below `<data_dir>/stories` is lstat-checked and
   the file itself is opened with O_NOFOLLOW, so a planted link cannot redirect a write or a read
   (`data_dir` itself may be a link: the operator chose it);
-- publication is atomic (m2v.video.atomic_output: a temporary in the destination folder, fsync,
+- publication is atomic (story.files.atomic_output: a temporary in the destination folder, fsync,
   os.replace, fsync of the folder; new folders are fsynced into their parents): a crash leaves the
   old file or the new one under a name, never half of one, and at most a temporary behind;
 - temporaries are dot-files named `.<name>.<random>.tmp<ext>`; `sweep_temporaries` removes them

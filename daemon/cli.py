@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RichProgress:
-    """Two bars: shots of the story, denoising steps of the current shot."""
+    """Two bars: shots of the story, denoising steps of the current shot. A RenderObserver
+    (m2v.render.observe) by shape: the driver calls story_start, shot_start, stage, shot_done."""
 
     def __init__(self, console: Console):
         self.bars = Progress(
@@ -98,9 +99,10 @@ class RichProgress:
     def shot_start(self, shot, plan):
         self.bars.reset(self.steps, total=plan.sampler.steps, description=f"shot {shot.index + 1} (scene {shot.scene}.{shot.shot})")
 
-    def step(self, step, total, timestep, expert):
+    def stage(self, name, step=0, total=0, detail=""):
         # total from the sampler: a FIFO shot counts its base steps, then one step per output latent frame
-        self.bars.update(self.steps, completed=step, total=total, description=f"shot steps [{expert} t={timestep:.0f}]")
+        if name == "denoise" and total:
+            self.bars.update(self.steps, completed=step, total=total, description=f"shot steps [{detail}]")
 
     def shot_done(self, shot, entry):
         self.bars.advance(self.shots)
@@ -150,7 +152,8 @@ def cmd_render(args, console: Console) -> int:
         return EXIT_BAD_INPUT
     story, preset = loaded
 
-    from storyfarm.m2v.render.driver import Cancelled, RenderSettings, StoryRenderer, check_output
+    from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer, check_output
+    from storyfarm.m2v.render.observe import Cancelled
     from storyfarm.story.modes import read_edit
 
     edit = None
@@ -182,8 +185,8 @@ def cmd_render(args, console: Console) -> int:
     renderer = StoryRenderer(engine, settings)
     def run(progress=None):
         if args.shot is not None:
-            return renderer.rerender(story, args.out, args.shot, edit, cascade=args.cascade, progress=progress)
-        return renderer.render(story, args.out, progress=progress)
+            return renderer.rerender(story, args.out, args.shot, edit, cascade=args.cascade, observer=progress)
+        return renderer.render(story, args.out, observer=progress)
 
     try:
         if args.quiet:

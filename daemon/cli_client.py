@@ -31,10 +31,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from storyfarm.story.lifecycle import FINAL_STATES, STORY_STATES
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_BY_CODE = {"INVALID_ARGUMENT": EXIT_BAD_INPUT, "ALREADY_EXISTS": EXIT_BAD_INPUT, "OUT_OF_RANGE": EXIT_BAD_INPUT,
                 "NOT_FOUND": EXIT_NOT_FOUND, "UNAUTHENTICATED": EXIT_DENIED, "PERMISSION_DENIED": EXIT_DENIED}
-FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 # --- plumbing ----------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def add_commands(sub) -> None:
 
     p = add("ls", cmd_ls, "list stories", story_id=False)
     p.add_argument("--project")
-    p.add_argument("--state", action="append", metavar="STATE", help="queued, running, succeeded, failed, cancelled, paused")
+    p.add_argument("--state", action="append", metavar="STATE", help=", ".join(STORY_STATES))
     p.add_argument("--batch", metavar="ID")
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
 

@@ -6,11 +6,12 @@ from google.protobuf import timestamp_pb2
 
 from storyfarm.daemon.events import LiveProgress
 from storyfarm.daemon.store_records import ArtifactRecord, Event, StoryRecord
+from storyfarm.story import lifecycle
 from storyfarm.v1 import render_pb2 as pb
 
-STORY_STATES = {s: getattr(pb, f"STORY_STATE_{s.upper()}") for s in ("queued", "running", "succeeded", "failed", "cancelled", "paused")}
-SHOT_STATES = {s: getattr(pb, f"SHOT_STATE_{s.upper()}") for s in ("waiting", "queued", "running", "succeeded", "failed", "cancelled", "paused")}
-STAGES = {s: getattr(pb, f"RENDER_STAGE_{s.upper()}") for s in ("text_encode", "memory_encode", "denoise", "vae_decode", "keyframes", "mp4_encode")}
+STORY_STATES = {s: getattr(pb, f"STORY_STATE_{s.upper()}") for s in lifecycle.STORY_STATES}
+SHOT_STATES = {s: getattr(pb, f"SHOT_STATE_{s.upper()}") for s in lifecycle.SHOT_STATES}
+STAGES = {s: getattr(pb, f"RENDER_STAGE_{s.upper()}") for s in lifecycle.RENDER_STAGES}
 KINDS = {k: getattr(pb, f"ARTIFACT_KIND_{k.upper()}") for k in ("shot_video", "story_video", "keyframe", "contact_sheet", "manifest")}
 CONTENT_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".json": "application/json"}
 STORY_STATE_NAMES = {v: k for k, v in STORY_STATES.items()}

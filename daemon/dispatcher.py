@@ -6,8 +6,9 @@ what workers report (progress to the hub, results and artifacts to the store in 
 each), (3) forwards cancel requests to the worker running that shot, and (4) asks the scheduler's
 policy where the runnable shots go. The store is the truth: the policy's view is rebuilt from it
 every turn, plus what only this thread knows (which worker holds which story's memory, what each
-running shot was estimated to take). An out-of-memory failure is retried once in low-memory mode
-(experts swapped, VAE tiled) and then fails the shot with that reason.
+running shot was estimated to take). An out-of-memory failure is retried in low-memory mode
+(experts swapped, VAE tiled) on the shot's own allowance (lifecycle.OOM_RETRIES, kept by the store,
+not taken from `max_attempts`) and then fails the shot with that reason.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from storyfarm.story.files import sha256_file
 from storyfarm.scheduler.gpu_pool.executor import Executor
 from storyfarm.scheduler.gpu_pool.faults import crash_point
 from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, ShotTask
-from storyfarm.scheduler.policy import CostModel, PolicyConfig, Scheduler, StoryWork
+from storyfarm.scheduler.policy import CostModel, PolicyConfig, Scheduler, StoryWork, remaining_shot_s
 from storyfarm.scheduler.simulate import project_finish
 
 log = logging.getLogger(__name__)
 
 STORY_LEVEL = {"story.mp4": "story_video", "contact_sheet.png": "contact_sheet", "manifest.json": "manifest"}
-OOM_PREFIX = "out_of_memory"
-ETA_EVERY_S = 10.0
+ETA_EVERY_S = 10.0  # the projection runs this often, and sooner (at most once a second) when a
+ETA_SOONEST_S = 1.0  # story without an ETA starts or is asked about
 
 
 def artifact_kind(name: str) -> str:
@@ -62,6 +63,7 @@ class Dispatcher(threading.Thread):
         self._etas: dict[str, float] = {}  # story id -> expected finish (unix time)
         self._batch_etas: dict[str, float] = {}  # batch id -> its latest story's expected finish
         self._eta_at = 0.0
+        self._eta_stale = False  # a story lacks an ETA: project at the next turn allowed
         self._seq = store.last_event_seq()  # story ends after this are followed (not history)
         self._lock = threading.Lock()  # guards what farm_snapshot reads from other threads
 
@@ -105,7 +107,7 @@ class Dispatcher(threading.Thread):
             changed |= self._assign()
         self._follow_story_ends()
         now = time.time()
-        if now - self._eta_at > ETA_EVERY_S:
+        if now - self._eta_at > (ETA_SOONEST_S if self._eta_stale else ETA_EVERY_S):
             self._project_etas(now)
         if changed:
             self.hub.changed()
@@ -124,7 +126,7 @@ class Dispatcher(threading.Thread):
         with self._lock:
             meta = self._running.pop(attempt_id, None)
         try:
-            shot = self.store.finish_attempt(attempt_id, outcome, **kw)
+            shot = self.store.finish_attempt(attempt_id, outcome, reason=None if outcome == "succeeded" else reason, **kw)
         except StateError as exc:  # already recorded (a late duplicate report)
             log.info("ignoring report for attempt %s: %s", attempt_id, exc)
             return
@@ -134,7 +136,7 @@ class Dispatcher(threading.Thread):
         project = meta["project"] if meta else ""
         worker_id = meta["worker"] if meta else ""
         self.observers.attempt_finished(task, worker_id=worker_id, project=project, outcome=outcome, reason=reason,
-                                        report=report)
+                                        report=report, shot_state=shot.state)
         if outcome == "lost":
             self._holders.pop(task.story_id, None)  # its worker is gone, and its memory with it
 
@@ -189,19 +191,17 @@ class Dispatcher(threading.Thread):
             self._finish(msg.attempt_id, "cancelled", "cancelled", msg, error=msg.error, retryable=False)
         elif msg.fatal:  # the worker is being replaced: an infrastructure failure
             self._finish(msg.attempt_id, "lost", msg.reason or "cuda_error", msg, error=msg.error)
-        elif msg.reason == "out_of_memory":
+        elif msg.reason == "out_of_memory":  # the store spends the shot's out-of-memory allowance first
             final = task is not None and task.low_memory
-            note = "with low-memory settings, failing the shot" if final else "retrying once with low-memory settings"
+            note = "with low-memory settings, failing the shot" if final else "retrying with low-memory settings"
             self._finish(msg.attempt_id, "failed", "out_of_memory", msg, retryable=not final,
-                         error=f"{OOM_PREFIX} in {msg.stage or 'unknown stage'} ({note}): {msg.error}")
+                         error=f"out_of_memory in {msg.stage or 'unknown stage'} ({note}): {msg.error}")
         else:
             self._finish(msg.attempt_id, "failed", msg.reason or "content", msg, error=msg.error, retryable=msg.retryable)
 
     # -- placement -------------------------------------------------------------------------------
     def _task_for(self, shot, story, attempt_id: str) -> ShotTask:
         """The ShotTask a worker renders for `shot` (one place builds it: assignment and re-renders)."""
-        low_memory = any(a.outcome == "failed" and (a.error or "").startswith(OOM_PREFIX)
-                         for a in self.store.attempts(shot.id))
         return ShotTask(
             attempt_id=attempt_id, story_id=shot.story_id, shot_id=shot.id, shot_index=shot.index,
             story_document=self.store.story_document(shot.story_id),
@@ -212,7 +212,7 @@ class Dispatcher(threading.Thread):
             finish_story=all(s.state == "succeeded" for s in story.shots if s.index != shot.index),
             entries=tuple(s.result for s in story.shots if s.index != shot.index and s.result is not None),
             edit=shot.render_edit(),
-            low_memory=low_memory,
+            low_memory=shot.low_memory,
         )
 
     def _scheduler(self, work: list[dict], now: float) -> Scheduler:
@@ -243,7 +243,7 @@ class Dispatcher(threading.Thread):
             if busy is not None and busy not in known:
                 continue  # finishing a shot of a story that has ended: not available for placement
             m = meta.get(worker_id)
-            until = now + 1.0 if m is None else max(now, m["started"] + m["estimate"])
+            until = now + 1.0 if m is None else now + self._shot_remaining(m, now)
             sched.add_worker(worker_id, busy_with=busy, busy_until=until)
         return sched
 
@@ -275,8 +275,9 @@ class Dispatcher(threading.Thread):
             self._tasks[attempt_id] = task
             with self._lock:
                 self._running[attempt_id] = {"project": row["project"], "priority": row["priority"], "started": now,
-                                             "estimate": a.estimated_s, "worker": worker.id}
+                                             "estimate": a.estimated_s, "worker": worker.id, "story": a.story_id}
             self.executor.assign(worker, task)
+            self._eta_stale |= a.story_id not in self._etas
             self.observers.attempt_started(task, worker_id=worker.id, project=row["project"], priority=row["priority"],
                                            queue_wait_s=max(0.0, now - (row["queued_at"] or now)), placement=a.placement)
             assigned = True
@@ -285,7 +286,7 @@ class Dispatcher(threading.Thread):
     def _project_etas(self, now: float) -> None:
         """Expected finish of every unfinished story (growth of cost with memory included), played
         forward by the policy itself; batches report the latest of their stories."""
-        self._eta_at = now
+        self._eta_at, self._eta_stale = now, False
         work = self.store.unfinished_work()
         if not work:
             self._etas, self._batch_etas = {}, {}
@@ -303,9 +304,25 @@ class Dispatcher(threading.Thread):
 
     # -- views -----------------------------------------------------------------------------------
     def eta(self, story_id: str) -> float | None:
-        """Expected finish of an unfinished story (unix time); None until the next projection,
-        which a miss brings forward (at most one projection a second, however often it is asked)."""
-        return self._known(self._etas.get(story_id))
+        """Expected finish of an unfinished story (unix time): the projection, never before the end
+        of its running shot (`shot_eta`, which steps refine between projections); None until the
+        next projection, which a miss brings forward (at most one a second, however often asked)."""
+        projected = self._known(self._etas.get(story_id))
+        shot = self.shot_eta(story_id) if projected is not None else None
+        return projected if shot is None else max(projected, shot)
+
+    def shot_eta(self, story_id: str) -> float | None:
+        """Expected finish (unix time) of the shot of `story_id` running now; None when none runs."""
+        now = time.time()
+        with self._lock:
+            meta = next((dict(m) for m in self._running.values() if m["story"] == story_id), None)
+        return None if meta is None else now + self._shot_remaining(meta, now)
+
+    def _shot_remaining(self, meta: dict, now: float) -> float:
+        """Seconds left in a running attempt: its estimate, refined by its denoising steps so far."""
+        live = self.hub.latest(meta["story"])
+        step, total = (live.step, live.total) if live is not None and live.stage == "denoise" else (0, 0)
+        return remaining_shot_s(meta["estimate"], now - meta["started"], step, total)
 
     def batch_eta(self, batch_id: str) -> float | None:
         """Expected finish of a batch's last unfinished story (unix time), as for `eta`."""
@@ -313,7 +330,7 @@ class Dispatcher(threading.Thread):
 
     def _known(self, eta: float | None) -> float | None:
         if eta is None:
-            self._eta_at = min(self._eta_at, time.time() - ETA_EVERY_S + 1.0)
+            self._eta_stale = True
         return eta
 
     def farm_snapshot(self) -> dict:

@@ -24,13 +24,6 @@ class LiveProgress:
     time: float
     started: float  # when this shot's first report arrived
 
-    @property
-    def shot_eta(self) -> float | None:
-        """Seconds left in the denoising loop at the pace of the steps so far (None before a step)."""
-        if self.stage != "denoise" or self.step <= 0:
-            return None
-        return (self.time - self.started) / self.step * max(0, self.total - self.step)
-
 
 class EventHub:
     def __init__(self):

@@ -35,7 +35,7 @@ class LogObserver:
         self.log.info("shot %d started on %s (%s placement, waited %.1f s)", task.shot_index, worker_id, placement,
                       queue_wait_s, extra=self._ids(task, worker=worker_id, project=project))
 
-    def attempt_finished(self, task, *, worker_id, project, outcome, reason, report) -> None:
+    def attempt_finished(self, task, *, worker_id, project, outcome, reason, report, shot_state) -> None:
         level = logging.INFO if outcome in ("succeeded", "cancelled") else logging.WARNING
         error = getattr(report, "error", None)
         self.log.log(level, "shot %d %s on %s (%s)%s", task.shot_index, outcome, worker_id, reason,

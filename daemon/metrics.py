@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from storyfarm.daemon.metrics_farm import PRIORITY_CLASSES, FarmCollector, priority_class
 from storyfarm.scheduler.gpu_pool.messages import Done, Failed, ShotTask
+from storyfarm.story.lifecycle import FINAL_STATES, OUTCOMES, RENDER_STAGES as STAGES, STORY_STATES
 
 # Seconds to hours: tiny test shots take a fraction of a second, a 480p shot of the real model
 # minutes, a story or an overnight queue wait hours.
@@ -41,14 +42,13 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
                     7200, 14400, 28800, 57600, 86400)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 REALTIME_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-STAGES = ("text_encode", "memory_encode", "denoise", "vae_decode", "keyframes", "mp4_encode")
 # Children created at zero when the daemon starts, so the first event is an increase Prometheus can
 # see (a series that appears at 1 has no rate) and dashboards show zeros instead of gaps.
 ZERO_START = {
     "storyfarm_shot_attempts_started_total": ("placement", ("affinity", "moved", "new")),
     "storyfarm_queue_wait_seconds": ("priority_class", PRIORITY_CLASSES),
-    "storyfarm_shot_duration_seconds": ("outcome", ("succeeded", "failed", "lost", "cancelled")),
-    "storyfarm_story_duration_seconds": ("state", ("succeeded", "failed", "cancelled")),
+    "storyfarm_shot_duration_seconds": ("outcome", OUTCOMES),
+    "storyfarm_story_duration_seconds": ("state", tuple(s for s in STORY_STATES if s in FINAL_STATES)),
     "storyfarm_shot_stage_duration_seconds": ("stage", STAGES),
 }
 FORBIDDEN_LABELS = frozenset({"story", "story_id", "shot", "shot_id", "shot_index", "attempt", "attempt_id",
@@ -218,10 +218,9 @@ def _label(value) -> str:
 
 class DaemonMetrics:
     """The daemon's registry and its recording: a DispatchObserver plus `story_submitted` for the
-    servicer. `store` (read to tell a retried shot from a failed one) is optional so the recording
-    can be tested alone; `watch_farm` adds the scrape-time gauges."""
+    servicer; `watch_farm` adds the scrape-time gauges."""
 
-    def __init__(self, *, preset: str, version: str | None = None, store=None):
+    def __init__(self, *, preset: str, version: str | None = None):
         disable_created_metrics()  # `_created` series double the series count and no query here reads them
         self.registry = CollectorRegistry(auto_describe=True)
         self._m = {s.name: _make(s, self.registry) for s in CATALOG if s.source == "event"}
@@ -236,7 +235,6 @@ class DaemonMetrics:
         self.reported_gpu_bytes: dict[str, int] = {}  # worker -> bytes from its last report
         self.reported_gpu_uuid: dict[str, str] = {}  # worker -> its GPU's UUID, when it reports one (Ray nodes)
         self.out_of_service: set[str] = set()  # workers the dispatcher reported out of service
-        self.store = store
 
     def watch_farm(self, store, dispatcher=None, nvml=None) -> FarmCollector:
         """Export the scrape-time gauges of `store` and `dispatcher` (its farm_snapshot, or its pool)."""
@@ -257,7 +255,7 @@ class DaemonMetrics:
         self._m["storyfarm_queue_wait_seconds"].labels(priority_class=priority_class(priority)).observe(max(0.0, queue_wait_s))
 
     def attempt_finished(self, task: ShotTask, *, worker_id: str, project: str, outcome: str, reason: str,
-                         report: Done | Failed | None) -> None:
+                         report: Done | Failed | None, shot_state: str) -> None:
         started = self._started.pop(task.attempt_id, None)
         seconds = report.seconds if isinstance(report, Done) and report.seconds > 0 else None
         if seconds is None and started is not None:
@@ -266,9 +264,8 @@ class DaemonMetrics:
             self._m["storyfarm_shot_duration_seconds"].labels(outcome=outcome).observe(seconds)
         reason = _label(reason)
         self._m["storyfarm_shot_attempts_finished_total"].labels(outcome=outcome, reason=reason).inc()
-        state = self._shot_state_after(task, outcome, report)
-        if state in ("succeeded", "failed", "cancelled"):
-            self._m["storyfarm_shots_finished_total"].labels(project=_label(project), state=state, reason=reason).inc()
+        if shot_state in FINAL_STATES:
+            self._m["storyfarm_shots_finished_total"].labels(project=_label(project), state=shot_state, reason=reason).inc()
         elif outcome in ("failed", "lost"):
             self._m["storyfarm_shot_retries_total"].labels(reason=reason).inc()
         if reason == "out_of_memory":
@@ -294,23 +291,6 @@ class DaemonMetrics:
                 self.out_of_service.discard(worker_id)
 
     # -- recording -------------------------------------------------------------------------------
-    def _shot_state_after(self, task: ShotTask, outcome: str, report) -> str:
-        """The shot's state once the attempt is recorded: from the store when it has recorded it,
-        else what the outcome implies (a lost attempt is re-queued; a failed one is final only
-        when the worker said it cannot be retried)."""
-        if outcome in ("succeeded", "cancelled"):
-            return outcome
-        if self.store is not None:
-            try:
-                shot = self.store.shot(task.shot_id)
-            except Exception:  # noqa: BLE001 - a closed store during shutdown: fall back below
-                shot = None
-            if shot is not None and shot.state != "running":
-                return shot.state
-        if outcome == "failed" and isinstance(report, Failed) and not report.retryable:
-            return "failed"
-        return "queued"
-
     def _delta(self, worker: str, key: str, value) -> float:
         """Growth of a per-process running total since the same worker's last report."""
         value = float(value)

@@ -19,13 +19,12 @@ from typing import Callable, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
+from storyfarm.story.lifecycle import OPEN_SHOT_STATES, OPEN_STORY_STATES
 from storyfarm.daemon.metrics_nvml import Nvml
 
 log = logging.getLogger(__name__)
 
 PRIORITY_CLASSES = ("high", "normal", "low")
-OPEN_SHOT_STATES = ("queued", "waiting", "running", "paused")
-OPEN_STORY_STATES = ("queued", "running", "paused")
 
 
 def priority_class(priority: int) -> str:

@@ -30,8 +30,10 @@ class DispatchObserver(Protocol):
         left the worker that held it), `new` (the story's first shot on any worker)."""
 
     def attempt_finished(self, task: ShotTask, *, worker_id: str, project: str, outcome: str, reason: str,
-                         report: Done | Failed | None) -> None:
-        """`report` is the worker's message when there was one (Done carries `stats`)."""
+                         report: Done | Failed | None, shot_state: str) -> None:
+        """`report` is the worker's message when there was one (Done carries `stats`); `shot_state`
+        is the shot's state as the store recorded it with this attempt (a final state, or where a
+        retry or a lost attempt put it back), so no observer has to guess it."""
 
     def story_finished(self, story_id: str, *, project: str, state: str, reason: str, seconds: float) -> None:
         """The story reached a final state (`succeeded`, `failed`, `cancelled`)."""

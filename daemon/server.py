@@ -52,10 +52,10 @@ class Daemon:
         self.artifacts = ArtifactStore(config.data_dir)
         self.hub = EventHub()
         self.executor = build_executor(config)
-        self.metrics = DaemonMetrics(preset=self.preset.name, store=self.store)
+        self.metrics = DaemonMetrics(preset=self.preset.name)
         self.dispatcher = Dispatcher(self.store, self.executor, self.artifacts, self.hub,
                                      observers=Observers(self.metrics, LogObserver()), policy=policy_config(config),
-                                     cost=cost_model(config), xid_watcher=xid_watcher(config))
+                                     cost=cost_model(config, self.preset), xid_watcher=xid_watcher(config))
         self.metrics.watch_farm(self.store, self.dispatcher)
         self.metrics_server = MetricsServer(self.metrics.registry, config.metrics_listen)
         self.servicer = RenderServicer(config, self.preset, self.store, self.artifacts, self.hub, self.dispatcher,

@@ -31,6 +31,7 @@ from storyfarm.daemon.rerender import check_edit, check_shot_index, check_streng
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
 from storyfarm.daemon.submit import check_submit, store_references
+from storyfarm.story.lifecycle import FINAL_STATES as FINAL
 from storyfarm.story.presets import Preset
 from storyfarm.scheduler.gpu_pool.faults import crash_point
 from storyfarm.v1 import render_pb2 as pb
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 PREVIEW_PX = 160
-FINAL = {"succeeded", "failed", "cancelled"}
 DEFAULT_PROJECT = "default"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as auth.tokens[].project
@@ -94,10 +94,10 @@ def _rpc(handler):
     return stream if inspect.isgeneratorfunction(handler) else unary
 
 
-def _set_eta(field, eta: float | None) -> None:
-    """The scheduler's expected finish (unix time) as a Duration from now; left unset when unknown."""
+def _set_eta(field, eta: float | None, now: float | None = None) -> None:
+    """The scheduler's expected finish (unix time) as a Duration from `now`; left unset when unknown."""
     if eta is not None:
-        field.FromMilliseconds(max(0, int((eta - time.time()) * 1000)))
+        field.FromMilliseconds(max(0, int((eta - (time.time() if now is None else now)) * 1000)))
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
@@ -133,7 +133,11 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     def _story_message(self, record, full=True) -> pb.Story:
         msg = convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
         if self.dispatcher is not None and record.state not in FINAL:
-            _set_eta(msg.eta, self.dispatcher.eta(record.id))
+            now = time.time()
+            _set_eta(msg.eta, self.dispatcher.eta(record.id), now)
+            running = next((s for s in msg.shots if s.HasField("progress")), None)
+            if running is not None:
+                _set_eta(running.progress.eta, self.dispatcher.shot_eta(record.id), now)
         return msg
 
     # -- submit --------------------------------------------------------------------------------
@@ -431,11 +435,6 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 yield pb.KeyframePreview(keyframe_id=kid, shot_index=shot_index, frame_index=frame, image=buffer.getvalue(),
                                          content_type="image/png", width=image.width, height=image.height)
 
-    @staticmethod
-    def _mean_shot_seconds(record) -> float | None:
-        done = [sum(s.result.get("seconds", {}).values()) for s in record.shots if s.result]
-        return sum(done) / len(done) if done else None
-
     def _watch_loop(self, story_id: str, seq: int, updates, context, previews: bool = False):
         version, last_sent = self.hub.version, time.monotonic()
         while context.is_active():
@@ -450,16 +449,14 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 if previews and e.kind == "shot_state" and e.payload["to"] == "succeeded":
                     for preview in self._previews(story_id, record, e.payload["index"]):
                         yield pb.StoryEvent(seq=seq, time=msg.time, story_id=story_id, keyframe_preview=preview)
-            mean = self._mean_shot_seconds(record)
             while updates:
                 live = updates.popleft()
                 progress = pb.Progress(shot_index=live.shot_index, stage=convert.STAGES.get(live.stage, 0),
                                        step=live.step, total_steps=live.total)
-                if live.shot_eta is not None:
-                    progress.shot_eta.FromMilliseconds(int(live.shot_eta * 1000))
-                    later = len(record.shots) - live.shot_index - 1
-                    if mean is not None:  # the shots after this one, at the pace of those already done
-                        progress.eta.FromMilliseconds(int((live.shot_eta + later * mean) * 1000))
+                if self.dispatcher is not None:  # the dispatcher's ETAs, the same GetStory reports
+                    now = time.time()
+                    _set_eta(progress.shot_eta, self.dispatcher.shot_eta(story_id), now)
+                    _set_eta(progress.eta, self.dispatcher.eta(story_id), now)
                 yield pb.StoryEvent(seq=seq, time=convert.timestamp(live.time), story_id=story_id, progress=progress)
                 last_sent = time.monotonic()
             if record.state in FINAL and not self.store.events_since(story_id, seq, limit=1):

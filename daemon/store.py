@@ -23,26 +23,30 @@ Threading: one connection guarded by one lock, shared by all threads (a gRPC poo
 milliseconds against shots that take minutes, so serialising them costs nothing and rules out
 SQLITE_BUSY inside the process; other processes opening the same file wait on busy_timeout.
 Per-step progress is not stored (too chatty): the daemon streams it from memory. The records and
-input checks live in store_records, the file's settings and migrations in store_schema.
+input checks live in store_records, the file's settings and migrations in store_schema, one open
+transaction's helpers in store_tx, the user's controls (cancel, pause, retry, re-render) in
+store_controls and the scheduler's read views in store_views.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from storyfarm.daemon import store_schema
+from storyfarm.story.lifecycle import OOM_RETRIES
 from storyfarm.daemon.store_records import (
-    FINAL, MAX_PAGE_SIZE, OUTCOMES, SHOT_STATES, STORY_STATES, ArtifactIn, ArtifactRecord, AttemptRecord,
+    MAX_PAGE_SIZE, OUTCOMES, SHOT_STATES, STORY_STATES, ArtifactIn, ArtifactRecord, AttemptRecord,
     BatchSummary, Event, IdempotencyConflict, NotFound, ShotIn, ShotRecord, StateError, StoreError,
     StoryRecord, SubmitResult, check_artifact, check_states, check_submit, decode_token, encode_token,
 )
 from storyfarm.daemon.store_schema import SchemaTooNew
+from storyfarm.daemon.store_controls import StoryControls, batch_summary
+from storyfarm.daemon.store_tx import Tx, new_id, ready_state, shot_by_id
 from storyfarm.daemon.store_views import _SHOT_SELECT, QueueViews, _marks, _shot_record
 from storyfarm.scheduler.gpu_pool.faults import crash_point
 
@@ -52,92 +56,7 @@ __all__ = [
     "IdempotencyConflict", "SchemaTooNew", "STORY_STATES", "SHOT_STATES", "OUTCOMES",
 ]
 
-def _shot_by_id(db: sqlite3.Connection, shot_id: str) -> ShotRecord | None:
-    row = db.execute(_SHOT_SELECT + " WHERE s.id = ?", (shot_id,)).fetchone()
-    return None if row is None else _shot_record(row)
-
-
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(8)
-
-
-# --- one open transaction -------------------------------------------------------------------
-
-class _Tx:
-    """The writes every transition shares: a row changes state and its event is appended with it.
-    Rows are plain dicts, updated in place, so later steps of one transaction see earlier ones."""
-
-    def __init__(self, db: sqlite3.Connection, now: float):
-        self.db, self.now = db, now
-
-    def one(self, sql: str, params: Sequence = ()) -> dict | None:
-        row = self.db.execute(sql, params).fetchone()
-        return None if row is None else dict(row)
-
-    def story(self, story_id: str) -> dict:
-        story = self.one("SELECT * FROM stories WHERE id = ?", (story_id,))
-        if story is None:
-            raise NotFound(f"no story {story_id}")
-        return story
-
-    def shot(self, shot_id: str) -> dict:
-        shot = self.one("SELECT * FROM shots WHERE id = ?", (shot_id,))
-        if shot is None:
-            raise NotFound(f"no shot {shot_id}")
-        return shot
-
-    def shots(self, story_id: str) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM shots WHERE story_id = ? ORDER BY idx", (story_id,))]
-
-    def emit(self, story_id: str, kind: str, **payload: Any) -> None:
-        self.db.execute("INSERT INTO events (story_id, time, kind, payload) VALUES (?, ?, ?, ?)",
-                        (story_id, self.now, kind, json.dumps(payload, sort_keys=True)))
-
-    def _update(self, table: str, row: dict, columns: dict) -> None:
-        columns["updated_at"] = self.now
-        assignments = ", ".join(f"{name} = ?" for name in columns)
-        self.db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*columns.values(), row["id"]))
-        row.update(columns)
-
-    def set_story(self, story: dict, state: str, *, reason: str | None = None, **columns: Any) -> None:
-        old = story["state"]
-        if state != old:
-            columns.setdefault("finished_at", self.now if state in FINAL else None)
-            if old == "paused":  # the request is answered once the story leaves `paused`, however
-                columns.setdefault("pause_requested_at", None)
-        self._update("stories", story, {"state": state, **columns})
-        if state != old:
-            self.emit(story["id"], "story_state", **{"from": old, "to": state, "reason": reason})
-
-    def set_shot(self, shot: dict, state: str, *, reason: str | None = None, attempt: dict | None = None,
-                 **columns: Any) -> None:
-        """`attempt` (number, worker) is named in the event when the change comes from one."""
-        old = shot["state"]
-        self._update("shots", shot, {"state": state, **columns})
-        if state != old:
-            extra = {"attempt": attempt["number"], "worker": attempt["worker"]} if attempt else {}
-            self.emit(shot["story_id"], "shot_state", index=shot["idx"], shot_id=shot["id"],
-                      **{"from": old, "to": state, "reason": reason}, **extra)
-
-
-def _ready_state(story: dict) -> str:
-    """The state a shot enters once it may run: held while its story is paused."""
-    return "paused" if story["state"] == "paused" else "queued"
-
-
-def _has_started(tx: _Tx, story_id: str) -> bool:
-    return tx.one("SELECT 1 FROM attempts WHERE story_id = ? LIMIT 1", (story_id,)) is not None
-
-
-def _require(story: dict, op: str, allowed: Sequence[str]) -> None:
-    if story["state"] not in allowed:
-        listed = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-        raise StateError(f"story {story['id']} is {story['state']}; {op} is allowed when it is {listed}")
-
-
-# --- the store ------------------------------------------------------------------------------
-
-class JobStore(QueueViews):
+class JobStore(QueueViews, StoryControls):
     """Open with JobStore.open(path); every method is safe to call from any thread."""
 
     def __init__(self, db: sqlite3.Connection, path: str, *, max_attempts: int):
@@ -173,14 +92,14 @@ class JobStore(QueueViews):
         self.close()
 
     @contextmanager
-    def _transaction(self, begin: str, now: float | None) -> Iterator[_Tx]:
+    def _transaction(self, begin: str, now: float | None) -> Iterator[Tx]:
         with self._lock:
             db = self._db
             if db is None:
                 raise StoreError(f"job store {self.path} is closed")
             db.execute(begin)
             try:
-                yield _Tx(db, time.time() if now is None else now)
+                yield Tx(db, time.time() if now is None else now)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -214,7 +133,7 @@ class JobStore(QueueViews):
                 if existing["payload_sha256"] != payload_sha256 or other_request:
                     raise IdempotencyConflict(project, request_id, existing["id"])
                 return SubmitResult(existing["id"], created=False)
-            story_id = _new_id("st_")
+            story_id = new_id("st_")
             tx.db.execute(
                 "INSERT INTO stories (id, project, request_id, payload_sha256, name, document, state, priority,"
                 " deadline, batch_id, created_at, updated_at, request_sha256)"
@@ -226,7 +145,7 @@ class JobStore(QueueViews):
             tx.db.executemany(
                 "INSERT INTO shots (id, story_id, idx, scene, shot, prompt, settings, state, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(_new_id("sh_"), story_id, s.index, s.scene, s.shot, s.prompt, s.settings,
+                [(new_id("sh_"), story_id, s.index, s.scene, s.shot, s.prompt, s.settings,
                   "queued" if s.index == 0 else "waiting", tx.now) for s in shots])
             tx.emit(story_id, "story_state", **{"from": None, "to": "queued", "reason": "submitted",
                                                  "shots": len(shots)})
@@ -276,7 +195,7 @@ class JobStore(QueueViews):
 
     def shot(self, shot_id: str) -> ShotRecord | None:
         with self._read() as tx:
-            return _shot_by_id(tx.db, shot_id)
+            return shot_by_id(tx.db, shot_id)
 
     def attempts(self, shot_id: str) -> list[AttemptRecord]:
         with self._read() as tx:
@@ -284,7 +203,7 @@ class JobStore(QueueViews):
         return [AttemptRecord(id=r["id"], shot_id=r["shot_id"], story_id=r["story_id"], number=r["number"],
                               worker=r["worker"], started_at=r["started_at"], finished_at=r["finished_at"],
                               outcome=r["outcome"], error=r["error"],
-                              retryable=None if r["retryable"] is None else bool(r["retryable"]))
+                              retryable=None if r["retryable"] is None else bool(r["retryable"]), reason=r["reason"])
                 for r in rows]
 
     def cancel_requested(self, shot_id: str) -> bool:
@@ -311,7 +230,7 @@ class JobStore(QueueViews):
 
     def batch_summary(self, batch_id: str) -> BatchSummary:
         with self._read() as tx:
-            return _batch_summary(tx, batch_id)
+            return batch_summary(tx, batch_id)
 
     def pragmas(self) -> dict[str, Any]:
         """The connection's durability settings, for the start-up log and the tests."""
@@ -328,7 +247,7 @@ class JobStore(QueueViews):
             ok = [r[0] for r in tx.db.execute("PRAGMA integrity_check")] == ["ok"]
             return ok and not tx.db.execute("PRAGMA foreign_key_check").fetchall()
 
-    def _records(self, tx: _Tx, rows: Sequence[sqlite3.Row]) -> list[StoryRecord]:
+    def _records(self, tx: Tx, rows: Sequence[sqlite3.Row]) -> list[StoryRecord]:
         """Whole StoryRecords for story rows, with three queries however many stories there are."""
         if not rows:
             return []
@@ -353,7 +272,7 @@ class JobStore(QueueViews):
             cancel_requested_at=r["cancel_requested_at"], pause_requested_at=r["pause_requested_at"],
             shots=tuple(shots[r["id"]]), artifacts=tuple(artifacts[r["id"]])) for r in rows]
 
-    def _record(self, tx: _Tx, story_id: str) -> StoryRecord:
+    def _record(self, tx: Tx, story_id: str) -> StoryRecord:
         return self._records(tx, tx.db.execute("SELECT * FROM stories WHERE id = ?", (story_id,)).fetchall())[0]
 
     # --- attempts -------------------------------------------------------------------------
@@ -367,7 +286,7 @@ class JobStore(QueueViews):
                 raise StateError(f"shot {shot['idx']} of story {story['id']} is {shot['state']} (story "
                                  f"{story['state']}); an attempt starts only from a queued shot")
             number = 1 + tx.one("SELECT COUNT(*) AS n FROM attempts WHERE shot_id = ?", (shot_id,))["n"]
-            attempt_id = _new_id("at_")
+            attempt_id = new_id("at_")
             tx.db.execute("INSERT INTO attempts (id, shot_id, story_id, number, worker, started_at)"
                           " VALUES (?, ?, ?, ?, ?, ?)", (attempt_id, shot_id, story["id"], number, worker, tx.now))
             tx.emit(story["id"], "attempt_started", index=shot["idx"], attempt_id=attempt_id, worker=worker,
@@ -379,8 +298,10 @@ class JobStore(QueueViews):
 
     def finish_attempt(self, attempt_id: str, outcome: str, *, error: str | None = None,
                        retryable: bool = True, artifacts: Sequence[ArtifactIn] = (),
-                       result: dict | None = None, now: float | None = None) -> ShotRecord:
-        """Record how an attempt ended and move its shot and story on; returns the shot as it is now."""
+                       result: dict | None = None, reason: str | None = None, now: float | None = None) -> ShotRecord:
+        """Record how an attempt ended and move its shot and story on; returns the shot as it is now.
+        `reason` is why it failed or was lost (`out_of_memory` spends the shot's out-of-memory
+        allowance, lifecycle.OOM_RETRIES, before its retry budget)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
         if (artifacts or result is not None) and outcome != "succeeded":
@@ -393,8 +314,8 @@ class JobStore(QueueViews):
                 raise NotFound(f"no attempt {attempt_id}")
             if attempt["outcome"] is not None:
                 raise StateError(f"attempt {attempt_id} already finished as {attempt['outcome']}")
-            self._finish(tx, attempt, outcome, error, retryable, artifacts, result)
-            return _shot_by_id(tx.db, attempt["shot_id"])
+            self._finish(tx, attempt, outcome, error, retryable, artifacts, result, reason)
+            return shot_by_id(tx.db, attempt["shot_id"])
 
     def recover(self, *, now: float | None = None) -> int:
         """At start-up: every attempt still open belongs to a worker or daemon that is gone. Each is
@@ -404,14 +325,14 @@ class JobStore(QueueViews):
                 "SELECT * FROM attempts WHERE finished_at IS NULL ORDER BY started_at")]
             for attempt in open_attempts:
                 self._finish(tx, attempt, "lost", "its worker or daemon went away; re-queued at start-up",
-                             True, (), None)
+                             True, (), None, "recovered")
                 crash_point("during_recovery")  # reliability suite: the transaction is still open
             return len(open_attempts)
 
-    def _finish(self, tx: _Tx, attempt: dict, outcome: str, error: str | None, retryable: bool,
-                artifacts: Sequence[ArtifactIn], result: dict | None) -> None:
-        tx.db.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ?, retryable = ? WHERE id = ?",
-                      (tx.now, outcome, error, int(retryable), attempt["id"]))
+    def _finish(self, tx: Tx, attempt: dict, outcome: str, error: str | None, retryable: bool,
+                artifacts: Sequence[ArtifactIn], result: dict | None, reason: str | None) -> None:
+        tx.db.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ?, retryable = ?, reason = ?"
+                      " WHERE id = ?", (tx.now, outcome, error, int(retryable), reason, attempt["id"]))
         shot, story = tx.shot(attempt["shot_id"]), tx.story(attempt["story_id"])
         index = shot["idx"]
         tx.emit(story["id"], "attempt_finished", index=index, attempt_id=attempt["id"], outcome=outcome,
@@ -427,7 +348,7 @@ class JobStore(QueueViews):
             if not pending:
                 tx.set_story(story, "succeeded", reason=f"shot {index} was the last")
             elif pending[0]["state"] == "waiting" and pending[0]["idx"] > 0 and shots[pending[0]["idx"] - 1]["state"] == "succeeded":
-                tx.set_shot(pending[0], _ready_state(story), reason=f"shot {index} succeeded")
+                tx.set_shot(pending[0], ready_state(story), reason=f"shot {index} succeeded")
             elif pending[0]["state"] == "failed":  # a re-render before a failed shot that was not cascaded
                 tx.set_story(story, "failed", error=f"shot {pending[0]['idx']} failed: {pending[0]['error']}",
                              reason=f"shot {pending[0]['idx']} is still failed")
@@ -437,11 +358,14 @@ class JobStore(QueueViews):
             tx.set_shot(shot, "cancelled", attempt=attempt, error=error, reason="cancelled by its worker")
             self._cancel(tx, story, f"shot {index} was cancelled by its worker")
         elif outcome == "lost":
-            tx.set_shot(shot, _ready_state(story), attempt=attempt, error=error, reason="attempt lost")
+            tx.set_shot(shot, ready_state(story), attempt=attempt, error=error, reason="attempt lost")
+        elif reason == "out_of_memory" and retryable and shot["oom_failures"] < OOM_RETRIES:
+            tx.set_shot(shot, ready_state(story), attempt=attempt, oom_failures=shot["oom_failures"] + 1, error=error,
+                        reason="out of memory: retrying in low-memory mode")
         else:
             failures = shot["failures"] + 1
             if retryable and failures < self.max_attempts:
-                tx.set_shot(shot, _ready_state(story), attempt=attempt, failures=failures, error=error,
+                tx.set_shot(shot, ready_state(story), attempt=attempt, failures=failures, error=error,
                             reason=f"failed attempt {failures} of {self.max_attempts}")
             else:
                 why = (f"not retryable: {error}" if not retryable
@@ -452,7 +376,7 @@ class JobStore(QueueViews):
                     if later["state"] == "paused":
                         tx.set_shot(later, "waiting", reason="story failed")
 
-    def _record_artifacts(self, tx: _Tx, story_id: str, index: int, attempt_id: str,
+    def _record_artifacts(self, tx: Tx, story_id: str, index: int, attempt_id: str,
                           artifacts: Sequence[ArtifactIn], *, replace: bool = False) -> None:
         """`replace` (a re-rendered shot): same-named artifacts are republished, and when the story is
         assembled again, keyframes no longer in its memory are withdrawn."""
@@ -473,143 +397,3 @@ class JobStore(QueueViews):
                 raise StateError(f"story {story_id} already has an artifact named {a.name!r}") from None
             tx.emit(story_id, "artifact_published", name=a.name, artifact_kind=a.kind, size=a.size, sha256=a.sha256,
                     shot_index=None if a.story_level else index, created_at=tx.now)
-
-    # --- control --------------------------------------------------------------------------
-
-    def _control(self, story_id: str, op: str, allowed: Sequence[str], now: float | None,
-                 apply: Callable[[_Tx, dict], None]) -> StoryRecord:
-        with self._write(now) as tx:
-            story = tx.story(story_id)
-            _require(story, op, allowed)
-            apply(tx, story)
-            return self._record(tx, story_id)
-
-    def request_cancel(self, story_id: str, *, now: float | None = None) -> StoryRecord:
-        """Cancel the story and its shots now; a running shot is flagged for its worker. Repeats are no-ops."""
-        return self._control(story_id, "cancel", ("queued", "running", "paused", "cancelled"), now,
-                             self._request_cancel)
-
-    def request_pause(self, story_id: str, *, now: float | None = None) -> StoryRecord:
-        """Hold the story's shots that have not started; a running shot finishes. Repeats are no-ops."""
-        def pause(tx: _Tx, story: dict) -> None:
-            if story["state"] == "paused":
-                return
-            tx.emit(story["id"], "pause_requested")
-            tx.set_story(story, "paused", pause_requested_at=tx.now, reason="pause requested")
-            for shot in tx.shots(story["id"]):
-                if shot["state"] in ("queued", "waiting"):
-                    tx.set_shot(shot, "paused", reason="story paused")
-        return self._control(story_id, "pause", ("queued", "running", "paused"), now, pause)
-
-    def resume(self, story_id: str, *, now: float | None = None) -> StoryRecord:
-        """Release a paused story: its next shot queues again. A story not paused is left as it is."""
-        def release(tx: _Tx, story: dict) -> None:
-            if story["state"] != "paused":
-                return
-            tx.emit(story["id"], "resume_requested")
-            tx.set_story(story, "running" if _has_started(tx, story["id"]) else "queued", reason="resumed")
-            shots = tx.shots(story["id"])
-            for shot in shots:
-                if shot["state"] == "paused":
-                    ready = shot["idx"] == 0 or shots[shot["idx"] - 1]["state"] == "succeeded"
-                    tx.set_shot(shot, "queued" if ready else "waiting", reason="story resumed")
-        return self._control(story_id, "resume", ("paused", "queued", "running"), now, release)
-
-    def set_priority(self, story_id: str, priority: int, *, now: float | None = None) -> StoryRecord:
-        def change(tx: _Tx, story: dict) -> None:
-            tx.emit(story["id"], "priority_changed", **{"from": story["priority"], "to": int(priority)})
-            tx.set_story(story, story["state"], priority=int(priority))
-        return self._control(story_id, "a priority change", ("queued", "running", "paused"), now, change)
-
-    def retry_shot(self, story_id: str, index: int, *, now: float | None = None) -> StoryRecord:
-        """Queue a failed shot again with a fresh retry budget; its story runs again, later shots wait."""
-        def retry(tx: _Tx, story: dict) -> None:
-            shots = tx.shots(story_id)
-            if not 0 <= index < len(shots):
-                raise NotFound(f"story {story_id} has no shot {index} (it has {len(shots)})")
-            shot = shots[index]
-            if shot["state"] != "failed":
-                raise StateError(f"shot {index} of story {story_id} is {shot['state']}; "
-                                 "retry is allowed when it is failed")
-            tx.emit(story_id, "retry_requested", index=index)
-            tx.set_story(story, "running", error=None, reason=f"shot {index} retried")
-            tx.set_shot(shot, "queued", failures=0, error=None, reason="retry requested")
-        return self._control(story_id, "retry", ("failed",), now, retry)
-
-    def rerender_shot(self, story_id: str, index: int, *, prompt: str | None = None, strength: float | None = None,
-                      seed: int | None = None, cascade: bool = False, request_id: str | None = None,
-                      now: float | None = None) -> StoryRecord:
-        """Queue a new take of a succeeded shot of a finished story (RerenderShot). The edit (prompt,
-        seed) stays with the shot for every later take; `strength` applies to this take only. With
-        `cascade` the later shots wait to be rendered again after it. Idempotent by `request_id`:
-        a repeat returns the story as it is; the same id with another request is refused."""
-        request = {"shot_index": index, "prompt": prompt, "strength": strength, "seed": seed, "cascade": bool(cascade)}
-        with self._write(now) as tx:
-            story = tx.story(story_id)
-            if request_id:
-                prior = tx.one("SELECT * FROM rerenders WHERE story_id = ? AND request_id = ?", (story_id, request_id))
-                if prior is not None:
-                    if {k: prior[k] for k in request} != {**request, "cascade": int(cascade)}:
-                        raise IdempotencyConflict(story["project"], request_id, story_id)
-                    return self._record(tx, story_id)
-            _require(story, "a re-render", ("succeeded", "failed"))
-            shots = tx.shots(story_id)
-            if not 0 <= index < len(shots):
-                raise NotFound(f"story {story_id} has no shot {index} (it has {len(shots)})")
-            shot = shots[index]
-            if shot["state"] != "succeeded":
-                raise StateError(f"shot {index} of story {story_id} is {shot['state']}; a re-render is allowed when it is succeeded")
-            edit = json.loads(shot["edit"]) if shot["edit"] else {}
-            edit.update({k: v for k, v in (("prompt", prompt), ("seed", seed)) if v is not None})
-            take = shot["take"] + 1
-            tx.db.execute("INSERT INTO rerenders (story_id, request_id, shot_index, take, prompt, strength, seed, cascade,"
-                          " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (story_id, request_id or None, index, take, prompt, strength, seed, int(cascade), tx.now))
-            tx.emit(story_id, "rerender_requested", index=index, take=take, prompt=prompt, strength=strength, seed=seed,
-                    cascade=bool(cascade), request_id=request_id or None)
-            tx.set_story(story, "running", error=None, reason=f"shot {index} re-rendered")
-            tx.set_shot(shot, "queued", failures=0, error=None, take=take, strength=strength,
-                        edit=json.dumps(edit, sort_keys=True) if edit else None, prompt=edit.get("prompt", shot["prompt"]),
-                        reason=f"re-render requested (take {take})")
-            if cascade:
-                for later in shots[index + 1:]:
-                    tx.set_shot(later, "waiting", failures=0, error=None, take=later["take"] + 1, strength=None,
-                                reason=f"re-render of shot {index} cascades")
-            return self._record(tx, story_id)
-
-    def cancel_batch(self, batch_id: str, *, now: float | None = None) -> BatchSummary:
-        """Cancel every story of the batch that has not finished, in one transaction."""
-        with self._write(now) as tx:
-            stories = [dict(r) for r in tx.db.execute("SELECT * FROM stories WHERE batch_id = ?", (batch_id,))]
-            for story in stories:
-                if story["state"] not in FINAL:
-                    self._request_cancel(tx, story)
-            return _batch_summary(tx, batch_id)
-
-    def _request_cancel(self, tx: _Tx, story: dict) -> None:
-        if story["state"] != "cancelled":
-            tx.emit(story["id"], "cancel_requested")
-            self._cancel(tx, story, None)
-
-    def _cancel(self, tx: _Tx, story: dict, error: str | None) -> None:
-        tx.set_story(story, "cancelled", cancel_requested_at=tx.now, error=error,
-                     reason=error or "cancel requested")
-        for shot in tx.shots(story["id"]):
-            if shot["state"] == "running":
-                tx.set_shot(shot, "running", cancel_requested_at=tx.now)
-            elif shot["state"] not in FINAL:
-                tx.set_shot(shot, "cancelled", reason="story cancelled")
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-def _batch_summary(tx: _Tx, batch_id: str) -> BatchSummary:
-    counts = dict.fromkeys(STORY_STATES, 0)
-    rows = tx.db.execute("SELECT state, COUNT(*) AS n, MIN(deadline) AS deadline FROM stories "
-                         "WHERE batch_id = ? GROUP BY state", (batch_id,)).fetchall()
-    if not rows:
-        raise NotFound(f"no stories in batch {batch_id!r}")
-    for r in rows:
-        counts[r["state"]] = r["n"]
-    deadlines = [r["deadline"] for r in rows if r["deadline"] is not None]
-    return BatchSummary(batch_id, counts, sum(counts.values()), min(deadlines) if deadlines else None)

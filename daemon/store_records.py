@@ -1,7 +1,8 @@
 """What goes into the job store and what comes out: input shapes, records, states and refusals.
 
 Records are frozen snapshots read in one transaction; they never write back. Inputs are checked here,
-before a transaction opens, so a refusal names the field and costs no lock. Stdlib only.
+before a transaction opens, so a refusal names the field and costs no lock. Stdlib only; the state
+lists come from `storyfarm.story.lifecycle`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterable, Sequence
 
-STORY_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "paused")
-SHOT_STATES = ("queued", "waiting", "running", "succeeded", "failed", "cancelled", "paused")
-OUTCOMES = ("succeeded", "failed", "cancelled", "lost")
-FINAL = frozenset({"succeeded", "failed", "cancelled"})
+from storyfarm.story.lifecycle import FINAL_STATES as FINAL, OUTCOMES, SHOT_STATES, STORY_STATES  # noqa: F401
+
 MAX_PAGE_SIZE = 1000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -87,6 +86,7 @@ class ShotRecord:
     take: int = 1           # 1 for the first render, one more per RerenderShot
     edit: dict | None = None  # what re-renders changed ({"prompt", "seed"}), applied to every later take
     strength: float | None = None  # the pending take starts from the previous one (cleared once it succeeds)
+    low_memory: bool = False  # an attempt ran out of memory since the shot was (re)queued: render in low-memory mode
 
     def render_edit(self) -> dict | None:
         """The edit a worker renders this shot with ({"prompt", "seed", "strength"}), or None."""
@@ -140,6 +140,7 @@ class AttemptRecord:
     outcome: str | None     # None while running
     error: str | None
     retryable: bool | None
+    reason: str | None = None  # why it failed (lifecycle.FAILURE_REASONS) or was lost; None if unknown
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,17 @@ def _v3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE stories ADD COLUMN request_sha256 TEXT")
 
 
+def _v4(db: sqlite3.Connection) -> None:
+    """Version 4: the out-of-memory retry is an allowance of its own, not the retry budget. A shot
+    counts its out-of-memory failures since it was last (re)queued by a user (its next attempt
+    renders in low-memory mode once there is one), and every attempt keeps the reason it failed
+    for (content, out_of_memory, ...), so nothing re-derives it from the error text."""
+    db.execute("ALTER TABLE shots ADD COLUMN oom_failures INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE attempts ADD COLUMN reason TEXT")
+
+
 # Migration n (1-based) brings a file from version n-1 to n. Append only.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
 def connect(path: str, *, busy_timeout_s: float) -> sqlite3.Connection:

@@ -26,7 +26,8 @@ def _shot_record(row: sqlite3.Row) -> ShotRecord:
         worker=row["last_worker"], error=row["error"],
         result=None if row["result"] is None else json.loads(row["result"]),
         cancel_requested=row["cancel_requested_at"] is not None, updated_at=row["updated_at"],
-        take=row["take"], edit=None if row["edit"] is None else json.loads(row["edit"]), strength=row["strength"])
+        take=row["take"], edit=None if row["edit"] is None else json.loads(row["edit"]), strength=row["strength"],
+        low_memory=row["oom_failures"] > 0)
 
 
 def _marks(values: Sequence) -> str:

@@ -27,13 +27,12 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from storyfarm.story.files import atomic_output, fsync_dir, sha256_file  # noqa: F401  (re-exported)
+from storyfarm.story.files import atomic_output
 from storyfarm.story.references import open_reference_image
 
 PathLike = str | os.PathLike
 
 __all__ = [
-    "atomic_output",
     "concat_mp4",
     "contact_sheet",
     "load_reference_image",
@@ -42,7 +41,6 @@ __all__ = [
     "read_last_frames",
     "read_mp4",
     "save_png",
-    "sha256_file",
     "write_mp4",
     "write_mp4_stream",
 ]

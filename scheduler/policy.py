@@ -49,7 +49,7 @@ class CostModel:
     base_s: float = 60.0  # a shot with no memory frames, both experts resident
     growth_per_memory_frame: float = 0.06  # 10 memory frames: about 48% more tokens, attention grows faster
     memory_frames_per_shot: float = 1.0  # keyframes a shot adds to the story's memory, on average
-    max_memory_frames: int = 10
+    max_memory_frames: int = 10  # the preset's memory window (memory.max_size): the daemon sets it from the preset
     swap_s: float = 0.0  # moving one expert's weights onto the device
     high_noise_fraction: float = 0.5  # share of a shot's steps on the high-noise expert
 
@@ -70,6 +70,15 @@ class CostModel:
         base = (1 - weight) * self.base_s + weight * observed
         return CostModel(base, self.growth_per_memory_frame, self.memory_frames_per_shot,
                          self.max_memory_frames, self.swap_s, self.high_noise_fraction)
+
+
+def remaining_shot_s(estimate_s: float, elapsed_s: float, step: int = 0, total: int = 0) -> float:
+    """Seconds until a running shot finishes: the cost model's estimate less the time spent, until
+    its denoising steps are counted; from then on, the remaining steps at the pace of the attempt so
+    far (elapsed per step done). The one shot ETA: GetStory, WatchStory and the story projection."""
+    if step > 0 and total > 0:
+        return max(0.0, elapsed_s / step * (total - step))
+    return max(0.0, estimate_s - elapsed_s)
 
 
 @dataclass(frozen=True)

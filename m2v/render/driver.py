@@ -22,14 +22,15 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 from safetensors.torch import load_file, save_file
 
 from storyfarm.m2v import video
 from storyfarm.m2v.render.engine import Engine, ShotPlan
-from storyfarm.story.files import atomic_output, write_json
+from storyfarm.m2v.render.observe import RenderObserver, ShotFeed
+from storyfarm.story.files import atomic_output, sha256_file, write_json
 from storyfarm.m2v.memory.keyframes import KeyframeSelector
 from storyfarm.m2v.memory.bank import MemoryBank
 from storyfarm.m2v.render.sampler import SamplerSettings
@@ -39,17 +40,6 @@ from storyfarm.story.modes import ShotEdit, read_edit
 
 MANIFEST_VERSION = 1
 OWNED = ("shots", "keyframes", "csa", "story.mp4", "contact_sheet.png", "manifest.json")
-
-
-class Cancelled(Exception):
-    """Raised from a step callback to stop a render between denoising steps."""
-
-
-class Progress(Protocol):
-    def story_start(self, story: Story, total_shots: int) -> None: ...
-    def shot_start(self, shot: ShotSpec, plan: ShotPlan) -> None: ...
-    def step(self, step: int, total: int, timestep: float, expert: str) -> None: ...
-    def shot_done(self, shot: ShotSpec, entry: dict) -> None: ...
 
 
 @dataclass
@@ -159,16 +149,19 @@ class StoryRenderer:
             raise FileNotFoundError(f"{shot.path}: continues shot {shot.index} but {previous} is missing")
         return transition, video.read_last_frames(previous, count)
 
-    def render_shot(self, story: Story, shot: ShotSpec, out_dir: str | os.PathLike, on_step=None,
-                    progress: Progress | None = None, edit: ShotEdit | dict | None = None) -> dict:
+    def render_shot(self, story: Story, shot: ShotSpec, out_dir: str | os.PathLike,
+                    observer: RenderObserver | None = None, edit: ShotEdit | dict | None = None,
+                    cancel: Callable[[], bool] | None = None) -> dict:
         """Render one shot into a story folder and return its manifest entry.
 
         Needs only the folder: the memory bank on disk (the shot sees its snapshot, the memory as
         it stood before it, so a retried or re-rendered shot sees exactly the memory it saw the
         first time) and, for a continuation, the previous shot's clip. Safe to call in a fresh
         process for any shot whose predecessors are published. `edit` (a re-render) changes the
-        prompt, seed, or starts from the previous take with a strength below 1.
+        prompt, seed, or starts from the previous take with a strength below 1. `observer` hears
+        every stage once, in order, and every denoising step; `cancel` is checked at each of them.
         """
+        feed = ShotFeed(observer, cancel)
         out = Path(out_dir)
         edit = read_edit(edit)
         if edit is not None:
@@ -188,8 +181,7 @@ class StoryRenderer:
         latent_file = out / "keyframes" / f"latents-{self.preset.name}-{plan.width}x{plan.height}.safetensors"
         persisted = load_file(str(latent_file)) if latent_file.is_file() else {}
         self.engine.import_memory_latents(plan, persisted)
-        if progress:
-            progress.shot_start(shot, plan)
+        feed.observer.shot_start(shot, plan)
         name = self.shot_file(shot)
         # A continuation's leading frames re-create the previous shot's last frame(s) it was
         # conditioned on; as in StoryMem, they are dropped so joins neither repeat nor stutter
@@ -197,12 +189,13 @@ class StoryRenderer:
         repeated = 0 if plan.known_frames is None else len(plan.known_frames)
         with csa_for_shot(self.engine, story, shot, plan, out, fifo) as (csa, step_hook):
             rendered = render_frames(self.engine, plan, fifo, out / name, repeated,
-                                     self.selector.max_candidates, step_hook(on_step))
+                                     self.selector.max_candidates, feed, step_hook(feed.step))
         fresh = {k: v for k, v in self.engine.export_memory_latents(plan).items() if k not in persisted}
         if fresh:  # the story's memory keeps its latents too: a restarted worker does not re-encode
             with atomic_output(latent_file) as tmp:
                 save_file({**persisted, **fresh}, str(tmp))
         seconds = dict(rendered.seconds)
+        feed.enter("keyframes")
         t0 = time.perf_counter()
         picked = self.selector.select(rendered.candidates, bank.embeddings(bank.before(shot.index)))
         # frame indices in the manifest and keyframe ids count frames of the published clip
@@ -221,7 +214,7 @@ class StoryRenderer:
             "model": rendered.model,
             "mode": "fifo" if fifo else "m2v",
             "file": name,
-            "sha256": video.sha256_file(out / name),
+            "sha256": sha256_file(out / name),
             "frames": rendered.published,
             "rendered_frames": rendered.published + repeated,
             "width": plan.width,
@@ -259,7 +252,7 @@ class StoryRenderer:
             "preset": self.preset.name,
             "seed": self.base_seed(story),
             "story_file": "story.mp4",
-            "story_sha256": video.sha256_file(out / "story.mp4"),
+            "story_sha256": sha256_file(out / "story.mp4"),
             "contact_sheet": "contact_sheet.png",
             "keyframes": [
                 {"id": k.id, "source": k.source, "shot_index": k.shot_index, "frame_index": k.frame_index,
@@ -278,24 +271,21 @@ class StoryRenderer:
         self,
         story: Story,
         out_dir: str | os.PathLike,
-        progress: Progress | None = None,
+        observer: RenderObserver | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> dict:
         """The whole story, shot after shot, into `out_dir` (new, empty or an earlier render)."""
+        observer = observer or RenderObserver()
         story = check_against_model(story, self.preset.model_limits())
         out = Path(out_dir)
         prepare_output(out)
         started = time.perf_counter()
-        if progress:
-            progress.story_start(story, len(story.shots))
-
-        on_step = _step_callback(cancel, progress)
+        observer.story_start(story, len(story.shots))
         entries = []
         try:
             for shot in story.shots:
-                entries.append(self.render_shot(story, shot, out, on_step=on_step, progress=progress))
-                if progress:
-                    progress.shot_done(shot, entries[-1])
+                entries.append(self.render_shot(story, shot, out, observer, cancel=cancel))
+                observer.shot_done(shot, entries[-1])
         finally:
             self.engine.latent_pool.release(f"story:{out.resolve()}")
         return self.finish(story, out, entries, time.perf_counter() - started)
@@ -308,7 +298,7 @@ class StoryRenderer:
         edit: ShotEdit | dict | None = None,
         *,
         cascade: bool = False,
-        progress: Progress | None = None,
+        observer: RenderObserver | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> dict:
         """A new take of shot `index` of an earlier render of `story` in `out_dir` (optionally
@@ -327,26 +317,15 @@ class StoryRenderer:
         if not 0 <= index < len(story.shots):
             raise ValueError(f"shot index {index}: the story has shots 0 to {len(story.shots) - 1}")
         edit = read_edit(edit)
-        on_step = _step_callback(cancel, progress)
+        observer = observer or RenderObserver()
         started = time.perf_counter()
         try:
             for i in range(index, len(story.shots) if cascade else index + 1):
                 kept = {k: v for k, v in (entries[i].get("edit") or {}).items() if k in ("prompt", "seed")}
                 this = {**kept, **(edit.as_dict() if i == index and edit else {})}
                 shot = story.shots[i]
-                entries[i] = self.render_shot(story, shot, out, on_step=on_step, progress=progress, edit=this or None)
-                if progress:
-                    progress.shot_done(shot, entries[i])
+                entries[i] = self.render_shot(story, shot, out, observer, edit=this or None, cancel=cancel)
+                observer.shot_done(shot, entries[i])
         finally:
             self.engine.latent_pool.release(f"story:{out.resolve()}")
         return self.finish(story, out, [entries[i] for i in sorted(entries)], time.perf_counter() - started)
-
-
-def _step_callback(cancel: Callable[[], bool] | None, progress: Progress | None):
-    def on_step(step, total, t, expert):
-        if cancel is not None and cancel():
-            raise Cancelled()
-        if progress:
-            progress.step(step, total, t, expert)
-
-    return on_step

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -80,14 +81,19 @@ class ShotRender:
 
 
 class _Stopwatch:
-    def __init__(self):
+    """Seconds per render stage; `on_enter(stage)` is told as each stage begins (ShotFeed.enter)."""
+
+    def __init__(self, on_enter: Callable[[str], None] | None = None):
         self.seconds: dict[str, float] = {}
+        self.on_enter = on_enter
 
     def stage(self, name):
         watch = self
 
         class _Stage:
             def __enter__(self):
+                if watch.on_enter is not None:
+                    watch.on_enter(name)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -188,8 +194,9 @@ class Engine:
         key = (SHARED, "blank_clip", plan.width, plan.height, plan.frames)
         return self.latent_pool.get_or_create(key, lambda: self.vae.encode_blank_clip(plan.frames, plan.width, plan.height))
 
-    def render_shot(self, plan: ShotPlan, on_step: StepCallback | None = None) -> ShotRender:
-        watch = _Stopwatch()
+    def render_shot(self, plan: ShotPlan, on_step: StepCallback | None = None,
+                    on_stage: Callable[[str], None] | None = None) -> ShotRender:
+        watch = _Stopwatch(on_stage)
         setup = self.prepare(plan, watch)
         with watch.stage("denoise"):
             latents = self.denoise(setup, plan, on_step)

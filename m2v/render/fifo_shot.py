@@ -76,14 +76,15 @@ class FifoRender:
     stats: dict = field(default_factory=dict)  # filled as the frames are consumed
 
 
-def render_fifo_shot(engine: Engine, plan: ShotPlan, settings: FifoSettings, on_step: StepCallback | None = None) -> FifoRender:
+def render_fifo_shot(engine: Engine, plan: ShotPlan, settings: FifoSettings, on_step: StepCallback | None = None,
+                     on_stage=None) -> FifoRender:
     """Render `plan` (any length, 4n+1 frames) by FIFO-Diffusion over windows of the native length."""
     if plan.start_step:
         raise ValueError("edit strength: a FIFO shot always starts from noise; re-render it without a strength")
     native = (settings.window - 1) * engine.vae.temporal_stride + 1
     base_plan = replace(plan, frames=native)
     total = engine.vae.latent_frames(plan.frames)
-    watch = _Stopwatch()  # the engine's stage names: text_encode, memory_encode (then denoise, vae_decode)
+    watch = _Stopwatch(on_stage)  # the engine's stage names: text_encode, memory_encode (then denoise, vae_decode)
     setup = engine.prepare(base_plan, watch)
     seconds = watch.seconds
     base_steps = setup.sampler.steps

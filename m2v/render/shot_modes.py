@@ -22,6 +22,7 @@ from storyfarm.m2v.render.csa import CsaBank, CsaSession, consistent_self_attent
 from storyfarm.m2v.render.engine import Engine, ShotPlan
 from storyfarm.m2v.render.fifo import FifoSettings
 from storyfarm.m2v.render.fifo_shot import render_fifo_shot
+from storyfarm.m2v.render.observe import ShotFeed
 from storyfarm.m2v.memory.keyframes import candidate_indices
 from storyfarm.m2v.accel.placement import experts_of
 from storyfarm.story.format import ShotSpec, Story
@@ -71,20 +72,22 @@ def edit_start(strength: float, plan: ShotPlan, previous_take: Path) -> tuple[in
 
 
 def render_frames(engine: Engine, plan: ShotPlan, fifo: FifoSettings | None, path: Path, repeated: int,
-                  max_candidates: int, on_step) -> RenderedShot:
+                  max_candidates: int, feed: ShotFeed, on_step) -> RenderedShot:
     """Render the shot, publish its mp4 at `path` (dropping the `repeated` leading frames of a
-    continuation), and keep its keyframe candidates."""
+    continuation), and keep its keyframe candidates. `feed` hears the stages as they begin;
+    `on_step` is the sampler's step callback (the feed's, possibly wrapped by CSA)."""
     published = plan.frames - repeated
     wanted = candidate_indices(published, max_candidates)
     if fifo is None:
-        result = engine.render_shot(plan, on_step=on_step)
+        result = engine.render_shot(plan, on_step=on_step, on_stage=feed.enter)
         frames = result.frames[repeated:]
         seconds = dict(result.seconds)
+        feed.enter("mp4_encode")
         with _timed(seconds, "mp4_encode"):
             video.write_mp4(path, frames, engine.preset.render.fps)
         return RenderedShot(result.model, len(frames), frames[wanted], wanted, result.memory_ids,
                             result.time_positions, seconds)
-    result = render_fifo_shot(engine, plan, fifo, on_step)
+    result = render_fifo_shot(engine, plan, fifo, on_step, on_stage=feed.enter)
     kept: list[np.ndarray] = []
     targets = set(wanted)
 

@@ -1,7 +1,8 @@
 """What the daemon and its render workers say to each other (picklable, no torch).
 
 The daemon hands a worker one ShotTask at a time; the worker answers with Ready once its models
-are loaded, StageUpdate once per denoising step (and per stage), and exactly one Done or Failed per
+are loaded, StageUpdate once per render stage (lifecycle.RENDER_STAGES, in order) and per denoising
+step, and exactly one Done or Failed per
 task. Messages carry the attempt id so a late message from a replaced worker can be recognised
 and ignored.
 """
@@ -40,7 +41,7 @@ class StageUpdate:
     worker_id: str
     attempt_id: str
     shot_index: int
-    stage: str  # text_encode | memory_encode | denoise | vae_decode | keyframes | mp4_encode
+    stage: str  # one of storyfarm.story.lifecycle.RENDER_STAGES
     step: int = 0
     total: int = 0
 
@@ -54,7 +55,7 @@ class Done:
     manifest: dict | None = None  # set when the task finished the story
     seconds: float = 0.0
     resident_stories: int = 0  # stories whose memory latents the worker's latent pool holds
-    # Measurements for metrics, all optional: "stages" {stage: seconds} (text_encode, memory_encode,
+    # Measurements for metrics, all optional: "stages" {stage: seconds} (lifecycle.SHOT_STAGES: text_encode, memory_encode,
     # denoise, vae_decode, keyframes, mp4_encode), "step_seconds" [per denoising step], "frames",
     # "video_seconds", "pool" {resident_bytes, stories, queries, hits, misses, evictions},
     # "gpu_memory_bytes", "attention_backend", "recompiles".

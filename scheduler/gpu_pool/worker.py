@@ -3,29 +3,28 @@
 The parent (the daemon) stays CUDA-free; everything that touches torch lives here. A worker loads
 its preset once, warms up, says Ready, then renders the ShotTasks it is handed. The story folder is
 the whole state a shot needs (its memory bank on disk, the previous clip), so any worker can render
-any shot and a replaced worker loses nothing. Progress goes out at every stage and every denoising
-step, and doubles as the heartbeat: a worker stuck in a CUDA kernel stops sending and the daemon
+any shot and a replaced worker loses nothing. A StageUpdate goes out for every render stage, once and
+in order (the driver's ShotFeed sees to it), and for every denoising step; it doubles as the heartbeat: a worker stuck in a CUDA kernel stops sending and the daemon
 kills it. Cancellation is checked at every step. Failures are classified for the daemon: a CUDA
 error is fatal (the process is replaced, never reused), an out-of-memory says in which stage it
-happened (the daemon retries once in low-memory mode), anything else is a content failure.
+happened (the store allows it a low-memory retry of its own), anything else is a content failure.
 
-`WorkerRuntime` is the part both executors share: the `mp` executor runs it in `worker_main`, the
-`ray` executor inside an actor.
+`WorkerRuntime` is the part both executors share and what the default `worker_factory` names
+(`worker_loop.WORKER_FACTORIES["render"]`): the `mp` executor builds it inside
+`worker_loop.worker_main`, the `ray` executor inside an actor. The process loop lives in worker_loop
+so the daemon's parent, which names that loop as its spawn target, never imports this module.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import signal
 import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
-from storyfarm.scheduler.gpu_pool.logfmt import LOG_FORMAT_ENV, configure_logging
-from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, Ready, Release, ShotTask
+from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, Ready, ShotTask
 from storyfarm.scheduler.gpu_pool.faults import worker_fault
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ OOM_MARKERS = ("out of memory", "OutOfMemoryError")
 
 def classify(exc: BaseException) -> str:
     """cancelled | out_of_memory | cuda_error | story (bad input: never retried) | content."""
-    from storyfarm.m2v.render.driver import Cancelled
+    from storyfarm.m2v.render.observe import Cancelled
     from storyfarm.story.fields import StoryValidationError
 
     if isinstance(exc, Cancelled):
@@ -97,6 +96,7 @@ class WorkerRuntime:
         self.stage = stage
         self.send(StageUpdate(self.worker_id, task.attempt_id, task.shot_index, stage, step, total))
 
+
     def run(self, task: ShotTask, cancel) -> Done | Failed:
         """Render one task; never raises (every failure becomes a classified Failed)."""
         self.stage = "load"
@@ -114,7 +114,6 @@ class WorkerRuntime:
 
     def _render(self, task: ShotTask, cancel) -> Done:
         worker_fault(task)
-        from storyfarm.m2v.render.driver import Cancelled
         from storyfarm.m2v.accel.placement import low_memory
         from storyfarm.story.format import check_against_model, parse_story
 
@@ -123,33 +122,20 @@ class WorkerRuntime:
         story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
         story = check_against_model(story, renderer.preset.model_limits())
         shot = story.shots[task.shot_index]
-        self._progress(task, "text_encode")
-        steps: list[float] = []
-        last = [time.perf_counter()]
-
-        def on_step(step, total, timestep, expert):
-            if cancel.is_set():
-                raise Cancelled()
-            now = time.perf_counter()
-            steps.append(now - last[0])
-            last[0] = now
-            self._progress(task, "denoise", step, total)
-            if step == total:
-                self.stage = "vae_decode"
-
+        reports = _ShotReports(self, task)
         pool_before = engine.latent_pool.stats.as_dict()
         with low_memory(engine) if task.low_memory else nullcontext():
-            entry = renderer.render_shot(story, shot, task.story_dir, on_step=on_step, edit=task.edit)
+            entry = renderer.render_shot(story, shot, task.story_dir, reports, edit=task.edit, cancel=cancel.is_set)
         files = [entry["file"]]
         manifest = None
         if task.finish_story:
-            self._progress(task, "mp4_encode")
+            reports.stage("assemble")
             manifest = renderer.finish(story, task.story_dir, sorted([*task.entries, entry], key=lambda e: e["index"]))
             files += ["story.mp4", "contact_sheet.png", "manifest.json"] + [k["file"] for k in manifest["keyframes"]]
             self.release(task.story_dir)  # the story ended: free its memory
         resident = len(engine.latent_pool.namespaces() - {"shared"})
         return Done(self.worker_id, task.attempt_id, entry, tuple(files), manifest, time.perf_counter() - started,
-                    resident, stats=self._stats(entry, steps, pool_before))
+                    resident, stats=self._stats(entry, reports.step_seconds, pool_before))
 
     def _stats(self, entry: dict, steps: list[float], pool_before: dict) -> dict:
         engine = self.engine
@@ -183,49 +169,28 @@ class WorkerRuntime:
         return stats
 
 
-def _next_message(inbox, parent: int):
-    """The next task or Release; None to stop. Exits when the daemon that spawned it is gone."""
-    while True:
-        try:
-            return inbox.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # orphaned (the daemon was SIGKILLed): never linger on a GPU
-                return None
+class _ShotReports:
+    """The worker's RenderObserver (m2v.render.observe, by shape: this module imports no m2v at
+    module level): every stage and denoising step of one task goes to the daemon as a StageUpdate,
+    and the steps' durations are kept for the metrics."""
 
+    def __init__(self, runtime: WorkerRuntime, task: ShotTask):
+        self.runtime, self.task = runtime, task
+        self.step_seconds: list[float] = []
+        self._last = time.perf_counter()
 
-def worker_main(worker_id: str, preset_name: str, device: str, inbox, outbox, cancel, threads: int | None = None,
-                expert_placement: str = "both", visible_devices: str | None = None) -> None:
-    """Process entry point (spawned): load, say Ready, serve tasks until a None message arrives.
-    `outbox` is the write end of this worker's own pipe to the daemon.
+    def story_start(self, story, total_shots) -> None:
+        pass
 
-    SIGINT/SIGTERM are ignored: a Ctrl-C or a service manager signals the whole process group, and
-    stopping workers is the daemon's job (it lets the running shot finish within its grace)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if visible_devices is not None:  # the GPU group, before anything can initialise CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-    if os.environ.get(LOG_FORMAT_ENV):  # set by `storyfarm serve`: the daemon's log format
-        configure_logging(os.environ[LOG_FORMAT_ENV])
-        logging.captureWarnings(True)
-    parent = os.getppid()
-    group = visible_devices.split(",") if visible_devices else []
-    runtime = WorkerRuntime(worker_id, preset_name, device, outbox.send, threads=threads,
-                            expert_placement=expert_placement,
-                            extra_devices=tuple(f"cuda:{i}" for i in range(1, len(group))))
-    try:
-        outbox.send(runtime.load())
-    except BaseException as exc:  # noqa: BLE001 - report every start failure to the parent
-        outbox.send(Failed(worker_id, None, f"worker failed to start: {exc!r}", fatal=True, reason="start_failed"))
-        return
-    while True:
-        message = _next_message(inbox, parent)
-        if message is None:
-            return
-        if isinstance(message, Release):
-            runtime.release(message.story_dir)
-            continue
-        cancel.clear()
-        result = runtime.run(message, cancel)
-        outbox.send(result)
-        if isinstance(result, Failed) and result.fatal:
-            return
+    def shot_start(self, shot, plan) -> None:
+        self._last = time.perf_counter()
+
+    def shot_done(self, shot, entry) -> None:
+        pass
+
+    def stage(self, name: str, step: int = 0, total: int = 0, detail: str = "") -> None:
+        if name == "denoise" and step:
+            now = time.perf_counter()
+            self.step_seconds.append(now - self._last)
+            self._last = now
+        self.runtime._progress(self.task, name, step, total)

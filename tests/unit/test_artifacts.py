@@ -14,7 +14,7 @@ from storyfarm.daemon.artifacts import (
     TEMPORARY_PATTERN,
     UnsafePath,
 )
-from storyfarm.m2v.video import atomic_output
+from storyfarm.story.files import atomic_output
 
 SID = "st_0123456789abcdef"
 SHOT = "shots/003_scene01_shot03.mp4"

@@ -15,6 +15,7 @@ import yaml
 
 from storyfarm.daemon.cli import main as cli_main
 from storyfarm.m2v import video
+from storyfarm.story.files import sha256_file
 from storyfarm.m2v.render.driver import StoryRenderer
 from storyfarm.story.format import check_against_model, parse_story
 
@@ -39,7 +40,7 @@ def copy(src, dst):
 
 
 def sha_of(out, manifest):
-    return [video.sha256_file(out / s["file"]) for s in manifest["shots"]]
+    return [sha256_file(out / s["file"]) for s in manifest["shots"]]
 
 
 def test_an_edited_prompt_changes_only_that_shot(tiny_engine, rendered, tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from storyfarm.m2v import video
+from storyfarm.story.files import sha256_file
 from storyfarm.m2v.render.driver import StoryRenderer
 from storyfarm.m2v.render.engine import Engine, ShotPlan
 from storyfarm.m2v.render.fifo import FifoSampler, FifoSettings, WindowRunner, fifo_sigmas, plan_windows
@@ -66,7 +67,7 @@ def test_streamed_mp4_is_the_same_file(tmp_path):
     frames = np.random.default_rng(1).integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
     video.write_mp4(tmp_path / "a.mp4", frames, 16)
     assert video.write_mp4_stream(tmp_path / "b.mp4", iter(frames), 16) == 9
-    assert video.sha256_file(tmp_path / "a.mp4") == video.sha256_file(tmp_path / "b.mp4")
+    assert sha256_file(tmp_path / "a.mp4") == sha256_file(tmp_path / "b.mp4")
     assert np.array_equal(video.read_last_frames(tmp_path / "a.mp4", 3), video.read_mp4(tmp_path / "a.mp4")[-3:])
     with pytest.raises(ValueError, match="frame 2"):
         video.write_mp4_stream(tmp_path / "c.mp4", [frames[0], frames[1], frames[2, :16]], 16)
@@ -164,7 +165,7 @@ def test_a_long_shot_is_rendered_by_fifo_and_streamed(tiny_engine, tmp_path, mon
     assert (looked["mode"], looked["frames"], looked["fifo"]["lookahead"], looked["fifo"]["levels"]) == ("fifo", 33, True, 5)
     for entry in (long, looked):
         clip = video.read_mp4(tmp_path / "out" / entry["file"])
-        assert clip.shape == (entry["frames"], 32, 64, 3) and video.sha256_file(tmp_path / "out" / entry["file"]) == entry["sha256"]
+        assert clip.shape == (entry["frames"], 32, 64, 3) and sha256_file(tmp_path / "out" / entry["file"]) == entry["sha256"]
     assert manifest["shots"][0]["mode"] == "m2v"
     # frames reach the encoder as they are decoded: before each latent frame is decoded, every
     # frame of the ones before it has been encoded (nothing of the shot's length is held)

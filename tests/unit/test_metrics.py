@@ -70,7 +70,7 @@ def test_a_succeeded_attempt_records_latencies_throughput_and_pool_counts():
              "frames": 17, "video_seconds": 17 / 16,
              "pool": {"resident_bytes": 4096, "hits": 3, "misses": 1, "queries": 4, "evictions": 2},
              "attention_backend": "sdpa_flash", "recompiles": 2, "gpu_memory_bytes": 123}
-    m.attempt_finished(t, worker_id="w0", project="ads", outcome="succeeded", reason="ok", report=done(stats=stats))
+    m.attempt_finished(t, worker_id="w0", project="ads", outcome="succeeded", reason="ok", report=done(stats=stats), shot_state="succeeded")
     m.story_finished("st_1", project="ads", state="succeeded", reason="ok", seconds=90.0)
     assert value(m, "storyfarm_build_info", version="9.9", preset="tiny") == 1
     assert value(m, "storyfarm_stories_submitted_total", project="ads") == 1
@@ -96,7 +96,7 @@ def test_a_succeeded_attempt_records_latencies_throughput_and_pool_counts():
 
 def test_a_report_without_stats_falls_back_to_the_manifest_entry():
     m = DaemonMetrics(preset="tiny")
-    m.attempt_finished(task(), worker_id="w1", project="p", outcome="succeeded", reason="ok", report=done(worker="w1"))
+    m.attempt_finished(task(), worker_id="w1", project="p", outcome="succeeded", reason="ok", report=done(worker="w1"), shot_state="succeeded")
     assert value(m, "storyfarm_shot_stage_duration_seconds_sum", stage="vae_decode") == 1.0
     assert value(m, "storyfarm_generated_video_seconds_total", worker="w1") == pytest.approx(17 / 16)
 
@@ -107,7 +107,8 @@ def test_per_shot_pool_counts_add_up_and_process_totals_survive_a_replaced_worke
     def report(n, recompiles):
         m.attempt_finished(task(attempt=f"at_{n}"), worker_id="w0", project="p", outcome="succeeded", reason="ok",
                            report=done(attempt=f"at_{n}", stats={"recompiles": recompiles, "attention_backend": f"b{n % 2}",
-                                                                "pool": {"hits": 1, "queries": 2, "resident_bytes": 10}}))
+                                                                "pool": {"hits": 1, "queries": 2, "resident_bytes": 10}}),
+                           shot_state="succeeded")
 
     report(1, 3)
     report(2, 5)  # the process total grew by 2
@@ -127,7 +128,7 @@ def test_per_shot_pool_counts_add_up_and_process_totals_survive_a_replaced_worke
 
 
 def test_failures_are_retries_until_the_store_says_the_shot_failed_for_good(store):
-    m = DaemonMetrics(preset="tiny", store=store)
+    m = DaemonMetrics(preset="tiny")
     story = submit(store, "r1")
     shot = store.get_story(story).shots[0]
     for n, expected_state in ((1, "queued"), (2, "failed")):  # max_attempts=2
@@ -135,7 +136,7 @@ def test_failures_are_retries_until_the_store_says_the_shot_failed_for_good(stor
         store.finish_attempt(attempt, "failed", error="boom")  # the dispatcher records first, then notifies
         assert store.shot(shot.id).state == expected_state
         m.attempt_finished(task(story, shot.id, attempt=attempt), worker_id="w0", project="ads", outcome="failed",
-                           reason="content", report=Failed("w0", attempt, "boom"))
+                           reason="content", report=Failed("w0", attempt, "boom"), shot_state=store.shot(shot.id).state)
     assert value(m, "storyfarm_shot_retries_total", reason="content") == 1
     assert value(m, "storyfarm_shots_finished_total", project="ads", state="failed", reason="content") == 1
     assert value(m, "storyfarm_shot_attempts_finished_total", outcome="failed", reason="content") == 2
@@ -144,18 +145,19 @@ def test_failures_are_retries_until_the_store_says_the_shot_failed_for_good(stor
     attempt = store.start_attempt(shot2.id, "w1")
     store.finish_attempt(attempt, "lost", error="worker died")
     m.attempt_finished(task(other, shot2.id, attempt=attempt), worker_id="w1", project="ads", outcome="lost",
-                       reason="worker_died", report=None)
+                       reason="worker_died", report=None, shot_state=store.shot(shot2.id).state)
     assert value(m, "storyfarm_shot_retries_total", reason="worker_died") == 1
 
 
-def test_out_of_memory_is_counted_by_stage_and_a_non_retryable_failure_is_final_without_a_store():
+def test_out_of_memory_is_counted_by_stage_and_the_shot_state_the_dispatcher_passes_decides_final():
     m = DaemonMetrics(preset="tiny")
     oom = Failed("w2", "at_9", "CUDA out of memory", retryable=True, reason="out_of_memory", stage="vae_decode")
-    m.attempt_finished(task(attempt="at_9"), worker_id="w2", project="p", outcome="failed", reason="out_of_memory", report=oom)
+    m.attempt_finished(task(attempt="at_9"), worker_id="w2", project="p", outcome="failed", reason="out_of_memory", report=oom,
+                       shot_state="queued")
     assert value(m, "storyfarm_out_of_memory_errors_total", worker="w2", stage="vae_decode") == 1
     assert value(m, "storyfarm_shot_retries_total", reason="out_of_memory") == 1
     bad = Failed("w2", "at_10", "ValueError: bad story", retryable=False)
-    m.attempt_finished(task(attempt="at_10"), worker_id="w2", project="p", outcome="failed", reason="content", report=bad)
+    m.attempt_finished(task(attempt="at_10"), worker_id="w2", project="p", outcome="failed", reason="content", report=bad, shot_state="failed")
     assert value(m, "storyfarm_shots_finished_total", project="p", state="failed", reason="content") == 1
 
 
@@ -280,7 +282,8 @@ def test_promtool_accepts_the_exposition():
     m.attempt_started(t, worker_id="w0", project="p", priority=0, queue_wait_s=1, placement="affinity")
     m.attempt_finished(t, worker_id="w0", project="p", outcome="succeeded", reason="ok",
                        report=done(stats={"pool": {"hits": 1, "queries": 1, "evictions": 0, "resident_bytes": 1},
-                                          "recompiles": 1, "attention_backend": "sdpa", "step_seconds": [0.1]}))
+                                          "recompiles": 1, "attention_backend": "sdpa", "step_seconds": [0.1]}),
+                       shot_state="succeeded")
     m.worker_event("w0", device="cpu", event="replaced", reason="cuda_error")
     result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(m.registry), capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

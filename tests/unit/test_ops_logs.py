@@ -69,7 +69,7 @@ def test_log_observer_writes_one_line_per_farm_event_with_ids():
     task = ShotTask("at_1", "st_1", "sh_1", 2, "", "", "")
     observer.attempt_started(task, worker_id="w0", project="ads", priority=0, queue_wait_s=1.5, placement="affinity")
     observer.attempt_finished(task, worker_id="w0", project="ads", outcome="lost", reason="worker_died",
-                              report=Failed("w0", "at_1", "worker process died"))
+                              report=Failed("w0", "at_1", "worker process died"), shot_state="queued")
     observer.story_finished("st_1", project="ads", state="failed", reason="shot 2 failed", seconds=61.0)
     observer.worker_event("w0", device="cuda:0", event="replaced", reason="worker_died")
     started, finished, story, worker = [json.loads(line) for line in stream.getvalue().splitlines()]

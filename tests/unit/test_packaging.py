@@ -26,7 +26,7 @@ def test_import_names_live_under_storyfarm(repo):
 
 
 def test_story_module_needs_no_torch():
-    code = "import sys; import storyfarm.story.format, storyfarm.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; import storyfarm.story.format, storyfarm.scheduler.policy; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -46,6 +46,7 @@ def test_wheel_holds_only_the_storyfarm_namespace(tmp_path, repo):
     assert top == {"storyfarm"}, top
     assert "storyfarm/configs/models/tiny.yaml" in names
     assert "storyfarm/configs/stories/lighthouse.yaml" in names
-    assert "storyfarm/daemon/cli.py" in names and "storyfarm/m2v/engine.py" in names
+    assert "storyfarm/daemon/cli.py" in names and "storyfarm/m2v/render/engine.py" in names
+    assert "storyfarm/story/format.py" in names and "storyfarm/scheduler/gpu_pool/worker.py" in names
     assert "storyfarm/v1/render_pb2.py" in names and "storyfarm/v1/render.proto" in names
     assert not any(n.startswith("storyfarm/__init__") for n in names)  # implicit namespace

@@ -74,7 +74,7 @@ def test_story_errors_are_never_retried():
     with pytest.raises(Exception) as err:
         parse_story({"shots": []})
     assert classify(err.value) == "story"
-    from storyfarm.m2v.render.driver import Cancelled
+    from storyfarm.m2v.render.observe import Cancelled
 
     assert classify(Cancelled()) == "cancelled"
     assert torch.get_num_threads() >= 1

@@ -266,3 +266,22 @@ def test_cost_grows_with_memory_and_learns_from_finished_shots():
     assert cost.shot_seconds(0, placement="swap") == 10  # swap_s 0
     learned = cost.learned(memory_frames=2, seconds=24.0, weight=1.0)
     assert learned.base_s == pytest.approx(20.0)
+
+
+def test_a_running_shot_is_its_estimate_until_its_steps_show_their_pace():
+    from storyfarm.scheduler.policy import remaining_shot_s
+
+    assert remaining_shot_s(60.0, 15.0) == 45.0  # no step yet: the cost model's estimate less the time spent
+    assert remaining_shot_s(60.0, 90.0) == 0.0  # late: never negative
+    assert remaining_shot_s(60.0, 20.0, step=10, total=40) == 60.0  # 2 s a step so far, 30 steps left
+    assert remaining_shot_s(60.0, 80.0, step=40, total=40) == 0.0
+
+
+def test_the_cost_model_stops_growing_at_the_presets_memory_window():
+    from storyfarm.daemon.config import load_config
+    from storyfarm.daemon.farm import cost_model
+    from storyfarm.story.presets import load_preset
+
+    cost = cost_model(load_config(None), load_preset("tiny", overrides={"memory": {"max_size": 4}}))
+    assert cost.max_memory_frames == 4
+    assert cost.shot_seconds(20) == cost.shot_seconds(4) > cost.shot_seconds(3)

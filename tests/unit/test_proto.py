@@ -194,7 +194,19 @@ def test_states_the_cli_prints(pb):
     shot = {pb.ShotState.Name(n).removeprefix("SHOT_STATE_").lower() for n in pb.ShotState.values()}
     assert {"waiting", "queued", "running", "succeeded", "failed", "cancelled", "paused"} <= shot
     stages = [pb.RenderStage.Name(n).removeprefix("RENDER_STAGE_") for n in pb.RenderStage.values()][1:]
-    assert stages == ["TEXT_ENCODE", "MEMORY_ENCODE", "DENOISE", "VAE_DECODE", "KEYFRAMES", "MP4_ENCODE"]
+    assert stages == ["TEXT_ENCODE", "MEMORY_ENCODE", "DENOISE", "VAE_DECODE", "KEYFRAMES", "MP4_ENCODE", "ASSEMBLE"]
+
+
+def test_the_proto_enums_name_exactly_the_lifecycle_lists(pb):
+    """States and stages have one home (storyfarm.story.lifecycle); the proto must name the same."""
+    from storyfarm.story import lifecycle
+
+    def names(enum, prefix):
+        return {enum.Name(n).removeprefix(prefix).lower() for n in enum.values()} - {"unspecified"}
+
+    assert names(pb.StoryState, "STORY_STATE_") == set(lifecycle.STORY_STATES)
+    assert names(pb.ShotState, "SHOT_STATE_") == set(lifecycle.SHOT_STATES)
+    assert names(pb.RenderStage, "RENDER_STAGE_") == set(lifecycle.RENDER_STAGES)
 
 
 def test_error_reasons_are_valid_error_info_reasons(pb):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers.job_store import artifact, run, shot_id, states, submit, tick
-from storyfarm.daemon.store import NotFound, StateError
+from storyfarm.daemon.store import JobStore, NotFound, StateError
 
 
 # --- control --------------------------------------------------------------------------------
@@ -123,3 +123,23 @@ def test_runnable_shots_order_by_priority_then_age_and_follow_priority_changes(s
     assert record.priority == 7
     assert [s.story_id for s in store.runnable_shots(10)] == [new, urgent, old, mid]
     assert store.events_since(new)[-1].payload == {"from": 0, "to": 7}
+
+
+def test_the_out_of_memory_retry_is_its_own_allowance_not_the_retry_budget(db_path):
+    """With max_attempts 1, one out-of-memory failure still re-queues the shot in low-memory mode;
+    a second one (the dispatcher marks it not retryable) fails it; a user retry starts afresh."""
+    with JobStore.open(db_path, max_attempts=1) as store:
+        story_id = submit(store, 2)
+        shot = run(store, story_id, 0, "failed", error="out_of_memory in denoise", reason="out_of_memory")
+        assert (shot.state, shot.low_memory) == ("queued", True)
+        assert [a.reason for a in store.attempts(shot.id)] == ["out_of_memory"]
+        shot = run(store, story_id, 0, "failed", error="out_of_memory in denoise", reason="out_of_memory",
+                   retryable=False)
+        assert shot.state == "failed" and states(store, story_id)[0] == "failed"
+        store.retry_shot(story_id, 0, now=tick())
+        assert store.shot(shot.id).low_memory is False
+        content = run(store, story_id, 0, "failed", error="boom", reason="content")
+        assert content.state == "failed"  # the ordinary budget: one attempt, spent
+        store.retry_shot(story_id, 0, now=tick())
+        assert run(store, story_id, 0, "lost", error="worker died", reason="worker_died").state == "queued"
+        assert [a.reason for a in store.attempts(shot.id)][-1] == "worker_died"

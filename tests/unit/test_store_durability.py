@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.job_store import artifact, run, sha, shot_id, shots_in, states, submit, tick
-from storyfarm.daemon import store as store_module
+from storyfarm.daemon import store_tx
 from storyfarm.daemon import store_schema
 from storyfarm.daemon.store import JobStore, SchemaTooNew, StateError
 
@@ -112,13 +112,13 @@ def test_a_database_newer_than_the_code_is_refused(db_path):
 
 def _fail_on(monkeypatch, kind: str, to: str | None = None) -> None:
     """Make the event write for one transition raise, after the transaction has written other rows."""
-    emit = store_module._Tx.emit
+    emit = store_tx.Tx.emit
 
     def failing(self, story_id, event_kind, **payload):
         if event_kind == kind and (to is None or payload.get("to") == to):
             raise OSError("injected failure")
         emit(self, story_id, event_kind, **payload)
-    monkeypatch.setattr(store_module._Tx, "emit", failing)
+    monkeypatch.setattr(store_tx.Tx, "emit", failing)
 
 
 def test_a_failure_mid_transaction_leaves_nothing_half_written(store, monkeypatch):

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from storyfarm.m2v import video
+from storyfarm.story.files import atomic_output, sha256_file
 from storyfarm.m2v.video import (
-    concat_mp4, contact_sheet, probe_mp4, read_mp4, save_png, sha256_file, write_mp4,
+    concat_mp4, contact_sheet, probe_mp4, read_mp4, save_png, write_mp4,
 )
 
 
@@ -95,12 +96,12 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")
     with pytest.raises(KeyError):
-        with video.atomic_output(target) as tmp:
+        with atomic_output(target) as tmp:
             assert tmp.parent == tmp_path and tmp != target
             tmp.write_text("half")
             raise KeyError("boom")
     assert target.read_text() == "old"
-    with video.atomic_output(target) as tmp:
+    with atomic_output(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"
     assert leftovers(tmp_path, {"a.txt"}) == []

@@ -41,6 +41,7 @@ class RenderStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RENDER_STAGE_VAE_DECODE: _ClassVar[RenderStage]
     RENDER_STAGE_KEYFRAMES: _ClassVar[RenderStage]
     RENDER_STAGE_MP4_ENCODE: _ClassVar[RenderStage]
+    RENDER_STAGE_ASSEMBLE: _ClassVar[RenderStage]
 
 class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -127,6 +128,7 @@ RENDER_STAGE_DENOISE: RenderStage
 RENDER_STAGE_VAE_DECODE: RenderStage
 RENDER_STAGE_KEYFRAMES: RenderStage
 RENDER_STAGE_MP4_ENCODE: RenderStage
+RENDER_STAGE_ASSEMBLE: RenderStage
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_SHOT_VIDEO: ArtifactKind
 ARTIFACT_KIND_STORY_VIDEO: ArtifactKind
