@@ -12,7 +12,6 @@ import functools
 import hashlib
 import inspect
 import json
-import io
 import logging
 import re
 import socket
@@ -29,6 +28,7 @@ from storyfarm.daemon.errors import RpcError, invalid, not_found, precondition
 from storyfarm.daemon.events import EventHub
 from storyfarm.daemon.rerender import check_edit, check_shot_index, check_strength, rerender
 from storyfarm.daemon.store import JobStore
+from storyfarm.daemon.previews import keyframe_previews
 from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
 from storyfarm.daemon.submit import check_submit, store_references
 from storyfarm.story.lifecycle import FINAL_STATES as FINAL
@@ -40,7 +40,6 @@ from storyfarm.v1 import render_pb2_grpc
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-PREVIEW_PX = 160
 DEFAULT_PROJECT = "default"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as auth.tokens[].project
@@ -417,24 +416,6 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         finally:
             self.hub.unsubscribe(record.id, updates)
 
-    def _previews(self, story_id: str, record, shot_index: int):
-        """Small PNG thumbnails of the keyframes a shot added to the story's memory (PIL is imported
-        here, for watchers that ask for previews, not at the daemon's start-up)."""
-        from PIL import Image
-
-        shot = next((s for s in record.shots if s.index == shot_index), None)
-        for kid in (shot.result or {}).get("new_keyframes", []) if shot else []:
-            path = self.artifacts.story_dir(story_id) / "keyframes" / f"{kid}.png"
-            if not path.is_file():
-                continue
-            with Image.open(path) as image:
-                image.thumbnail((PREVIEW_PX, PREVIEW_PX))
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                frame = int(kid.split("f")[-1]) if "f" in kid else 0
-                yield pb.KeyframePreview(keyframe_id=kid, shot_index=shot_index, frame_index=frame, image=buffer.getvalue(),
-                                         content_type="image/png", width=image.width, height=image.height)
-
     def _watch_loop(self, story_id: str, seq: int, updates, context, previews: bool = False):
         version, last_sent = self.hub.version, time.monotonic()
         while context.is_active():
@@ -447,7 +428,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 yield msg
                 last_sent = time.monotonic()
                 if previews and e.kind == "shot_state" and e.payload["to"] == "succeeded":
-                    for preview in self._previews(story_id, record, e.payload["index"]):
+                    for preview in keyframe_previews(self.artifacts.story_dir(story_id), record, e.payload["index"]):
                         yield pb.StoryEvent(seq=seq, time=msg.time, story_id=story_id, keyframe_preview=preview)
             while updates:
                 live = updates.popleft()

@@ -94,6 +94,9 @@ PLANTS = {
                                 "policy-pure", "storyfarm.scheduler.policy -> storyfarm.scheduler.gpu_pool"),
     "m2v-imports-proto": ("storyfarm.m2v", "video.py", "from storyfarm.v1 import render_pb2", "proto-daemon-only",
                           "storyfarm.m2v.video -> storyfarm.v1.render_pb2"),
+    "executor-imports-worker": ("storyfarm.scheduler", "gpu_pool/processes.py",
+                                "from storyfarm.scheduler.gpu_pool import worker", "gpu-pool-parent",
+                                "storyfarm.scheduler.gpu_pool.processes -> storyfarm.scheduler.gpu_pool.worker"),
 }
 
 
