@@ -354,7 +354,18 @@ def cmd_pool(client, args, console: Console) -> int:
 
 
 def cmd_drain(client, args, console: Console) -> int:
-    reply = client.drain(args.worker, wait=args.wait, undrain=args.undrain, timeout=args.timeout)
+    import grpc
+
+    from storyfarm.daemon.client import StoryfarmError
+
+    try:
+        reply = client.drain(args.worker, wait=args.wait, undrain=args.undrain, timeout=args.timeout)
+    except StoryfarmError as exc:
+        if not (args.wait and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise
+        say(_stderr(), f"the drain is in effect, but shots were still running after --timeout {args.timeout:g} s "
+                       "(`storyfarm pool` shows them; run `storyfarm drain --wait` again to keep waiting)")
+        return EXIT_FAILED
     if args.json:
         print_json(reply)
     else:

@@ -55,7 +55,8 @@ class Dispatcher(threading.Thread):
         self.cost = cost or CostModel()
         self.xid_watcher = xid_watcher
         self.executor.on_event = self.observers.worker_event
-        self.draining = False
+        self.draining = False  # the whole daemon: no shot starts anywhere
+        self.drained: set[str] = set()  # single workers drained (a GPU taken out): no shot starts there
         self._halt = threading.Event()
         self._tasks: dict[str, ShotTask] = {}  # in flight, by attempt id
         self._running: dict[str, dict] = {}  # attempt id -> project, priority, started, estimate, worker
@@ -218,7 +219,8 @@ class Dispatcher(threading.Thread):
     def _scheduler(self, work: list[dict], now: float) -> Scheduler:
         """The policy's view of the farm right now, rebuilt from the store and this thread's state."""
         sched = Scheduler(self.policy, self.cost)
-        workers = {w.id: w for w in self.executor.workers.values() if w.state in ("idle", "busy")}
+        workers = {w.id: w for w in self.executor.workers.values()
+                   if w.state in ("idle", "busy") and w.id not in self.drained}
         running_story = {w.task.story_id: w for w in workers.values() if w.task is not None}
         for row in work:
             holder = self._holders.get(row["id"])
@@ -247,8 +249,15 @@ class Dispatcher(threading.Thread):
             sched.add_worker(worker_id, busy_with=busy, busy_until=until)
         return sched
 
+    def is_drained(self, worker_id: str) -> bool:
+        return self.draining or worker_id in self.drained
+
+    def drained_busy(self) -> list[str]:
+        """Workers that are drained and still rendering a shot (a drain is complete when empty)."""
+        return [w.id for w in self.executor.workers.values() if w.state == "busy" and self.is_drained(w.id)]
+
     def _assign(self) -> bool:
-        if not self.executor.idle():
+        if not any(w.id not in self.drained for w in self.executor.idle()):
             return False
         now = time.time()
         work = self.store.unfinished_work()

@@ -449,22 +449,34 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             version = self.hub.wait(version, timeout=min(1.0, self.heartbeat_s))
 
     # -- pool ----------------------------------------------------------------------------------
+    def _add_workers(self, workers) -> None:
+        """Every worker into `workers` (a repeated pb.Worker): its state (a drained worker is
+        DRAINING while it finishes its shot, then STOPPED), its shot and that shot's progress."""
+        states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY,
+                  "dead": pb.WORKER_STATE_FAILED, "out_of_service": pb.WORKER_STATE_STOPPED}
+        drained = {"idle": pb.WORKER_STATE_STOPPED, "busy": pb.WORKER_STATE_DRAINING}
+        for w in self.dispatcher.executor.snapshot():
+            error = w.get("error", "") if w["state"] in ("dead", "out_of_service") else ""
+            if w["state"] == "out_of_service":
+                error = f"out of service after repeated failures ({error})"
+            state = states[w["state"]]
+            if self.dispatcher.is_drained(w["id"]):
+                state = drained.get(w["state"], state)
+            worker = workers.add(worker_id=w["id"], devices=w.get("devices", [w["device"]]), state=state,
+                                 preset=self.preset.name, resident_story_count=w["resident_stories"],
+                                 memory_used_bytes=w.get("gpu_memory_bytes", 0), error=error, host=socket.gethostname())
+            if w["story_id"]:
+                worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
+                live = self.hub.latest(w["story_id"])
+                if live is not None and live.shot_index == w["shot_index"]:
+                    worker.progress.CopyFrom(convert.progress(live))
+                    _set_eta(worker.progress.eta, self.dispatcher.shot_eta(w["story_id"]))
+
     @_rpc
     def GetPool(self, request, context):
         response = pb.GetPoolResponse(draining=bool(self.dispatcher and self.dispatcher.draining))
-        states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY,
-                  "dead": pb.WORKER_STATE_FAILED, "out_of_service": pb.WORKER_STATE_STOPPED}
         if self.dispatcher is not None:
-            for w in self.dispatcher.executor.snapshot():
-                error = w.get("error", "") if w["state"] in ("dead", "out_of_service") else ""
-                if w["state"] == "out_of_service":
-                    error = f"out of service after repeated failures ({error})"
-                worker = response.workers.add(worker_id=w["id"], devices=w.get("devices", [w["device"]]), state=states[w["state"]],
-                                              preset=self.preset.name, resident_story_count=w["resident_stories"],
-                                              memory_used_bytes=w.get("gpu_memory_bytes", 0), error=error,
-                                              host=socket.gethostname())
-                if w["story_id"]:
-                    worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
+            self._add_workers(response.workers)
         for state, count in self.store.count_stories_by_state().items():
             if count and state not in FINAL:  # the queue as it is now, not history
                 response.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
@@ -475,8 +487,29 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     @_rpc
     def Drain(self, request, context):
+        """Drain (or undrain) the daemon or named workers; with `wait`, reply once no drained worker
+        renders (the drain stays in effect when the caller's deadline passes first)."""
         if self.dispatcher is None:
             raise precondition("no worker pool", "WORKER_NOT_FOUND")
-        self.dispatcher.draining = not request.undrain
-        busy = [w for w in self.dispatcher.executor.snapshot() if w["state"] == "busy"]
-        return pb.DrainResponse(draining=self.dispatcher.draining, running_shot_count=len(busy))
+        known = set(self.dispatcher.executor.workers)
+        unknown = [(f"worker_ids[{i}]", f"no worker {w!r}; workers: {', '.join(sorted(known))}")
+                   for i, w in enumerate(request.worker_ids) if w not in known]
+        if unknown:
+            bad = [w for w in request.worker_ids if w not in known]
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no worker {', '.join(bad)}", "WORKER_NOT_FOUND",
+                           fields=unknown, resource=("worker", bad[0]))
+        if request.worker_ids:
+            change = self.dispatcher.drained.difference_update if request.undrain else self.dispatcher.drained.update
+            change(request.worker_ids)
+        else:
+            self.dispatcher.draining = not request.undrain
+            if request.undrain:
+                self.dispatcher.drained.clear()
+        self.hub.changed()
+        version = self.hub.version
+        while request.wait and self.dispatcher.drained_busy() and context.is_active():
+            version = self.hub.wait(version, timeout=1.0)  # past the deadline the caller gets DEADLINE_EXCEEDED
+        response = pb.DrainResponse(draining=self.dispatcher.draining,
+                                    running_shot_count=len(self.dispatcher.drained_busy()))
+        self._add_workers(response.workers)
+        return response

@@ -101,6 +101,13 @@ class Story:
     reference_labels: tuple[str | None, ...] = ()  # the character or place of each reference, or None
     csa: CsaOptions | None = None  # Consistent Self-Attention for the whole story, when asked for
 
+    def shot_seed(self, shot: ShotSpec, base: int | None = None) -> int:
+        """The seed `shot` renders with: its own, else the base seed (`base`, the command line's,
+        over the story's, else 0) plus its index in the whole story, so seeds never repeat per scene."""
+        if shot.seed is not None:
+            return shot.seed
+        return (base if base is not None else self.seed if self.seed is not None else 0) + shot.index
+
 
 # --- reading text -------------------------------------------------------------------------
 

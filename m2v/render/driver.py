@@ -120,7 +120,7 @@ class StoryRenderer:
             story_key=story_key,
             prompt=shot.prompt,
             negative_prompt=shot.negative_prompt if shot.negative_prompt is not None else r.negative_prompt,
-            seed=shot.seed if shot.seed is not None else base_seed + shot.index,
+            seed=story.shot_seed(shot, base_seed),
             width=width,
             height=height,
             frames=shot.frames or o.frames or r.frames,

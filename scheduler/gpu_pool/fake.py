@@ -144,7 +144,7 @@ class FakeWorker:
                 if failed is not None:
                     return failed
             elif stage == "mp4_encode":
-                clip = {"story": story.name, "index": shot.index, "prompt": prompt, "seed": story.seed,
+                clip = {"story": story.name, "index": shot.index, "prompt": prompt, "seed": story.shot_seed(shot),
                         "frames": frames, "size": [width, height], "steps": steps}
                 with atomic_output(out / name) as tmp:
                     tmp.write_bytes(b"storyfarm fake clip\n" + json.dumps(clip, sort_keys=True).encode())
@@ -152,7 +152,7 @@ class FakeWorker:
         # one keyframe per earlier shot, the latest that fit the preset's memory window
         window = self.preset.memory.max_size
         memory = [f"fake-{j:03d}" for j in range(max(0, shot.index - window), shot.index)]
-        entry = {"index": shot.index, "scene": shot.scene, "shot": shot.shot, "prompt": prompt, "seed": story.seed,
+        entry = {"index": shot.index, "scene": shot.scene, "shot": shot.shot, "prompt": prompt, "seed": story.shot_seed(shot),
                  "cut": shot.cut, "model": "fake", "mode": "fake", "file": name, "sha256": sha256_file(out / name),
                  "frames": frames, "rendered_frames": frames, "width": width, "height": height, "fps": render.fps,
                  "steps": steps, "memory_keyframes": memory, "new_keyframes": [f"fake-{shot.index:03d}"],
