@@ -4,7 +4,9 @@ shippers, and a dispatch observer that logs every attempt, story end and worker 
 Why JSON lines: a farm's logs are searched by story and shot, not read top to bottom. Every line
 is one JSON object with `time` (UTC, ISO 8601), `level`, `logger`, `message`, and the context
 fields the record carries (`story_id`, `shot_id`, `shot_index`, `attempt_id`, `worker`, `project`,
-passed as `extra=`); an exception adds `exc`. Text lines carry the same context at their end.
+passed as `extra=`); an exception adds `exc`. Structured values (FIELDS: a warm-up report, a Ray
+cluster's resources) are JSON fields too, never Python reprs inside `message`. Text lines carry the
+same context at their end.
 `configure_logging` replaces the root logger's handlers (stderr), so it is called once, by
 `storyfarm serve`, never by code that runs inside tests or other programs. The formats live in
 scheduler/gpu_pool/logfmt.py so the worker processes write the same lines.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from storyfarm.scheduler.gpu_pool.logfmt import (  # noqa: F401 - the daemon's log formats are the workers' too
-    CONTEXT, FORMATS, LOG_FORMAT_ENV, JsonFormatter, TextFormatter, configure_logging,
+    CONTEXT, FIELDS, FORMATS, LOG_FORMAT_ENV, JsonFormatter, TextFormatter, configure_logging,
 )
 
 

@@ -8,6 +8,11 @@ workers never import the daemon. The daemon passes its format to workers in LOG_
 Every JSON line is one object with `time` (UTC, ISO 8601), `level`, `logger`, `message`, and the
 context fields the record carries (`story_id`, `shot_id`, `shot_index`, `attempt_id`, `worker`,
 `project`, passed as `extra=`); an exception adds `exc`. Text lines carry the same context at their end.
+
+Structured values (a warm-up report, a cluster's resources) go in FIELDS, passed as `extra=` too,
+never formatted into the message: in JSON they stay objects a log query can filter on (a Python
+repr in `message` is neither JSON nor stable), in text they are written as compact JSON. Other
+`extra=` keys are dropped, so a line's keys are the known ones.
 """
 
 from __future__ import annotations
@@ -19,11 +24,19 @@ import time
 
 LOG_FORMAT_ENV = "STORYFARM_LOG_FORMAT"
 CONTEXT = ("story_id", "shot_id", "shot_index", "attempt_id", "worker", "device", "project", "outcome", "reason")
+# attention: the kernel a worker runs; warmup: engine.warm_up()'s report; resources: a Ray cluster's
+FIELDS = ("attention", "warmup", "resources")
 FORMATS = ("text", "json")
 
 
 def _context(record: logging.LogRecord) -> dict:
-    return {key: getattr(record, key) for key in CONTEXT if getattr(record, key, None) is not None}
+    return {key: getattr(record, key) for key in CONTEXT + FIELDS if getattr(record, key, None) is not None}
+
+
+def _text_value(value) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    return str(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,7 +60,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         context = _context(record)
-        return line + (" [" + " ".join(f"{k}={v}" for k, v in context.items()) + "]" if context else "")
+        return line + (" [" + " ".join(f"{k}={_text_value(v)}" for k, v in context.items()) + "]" if context else "")
 
 
 def configure_logging(log_format: str, level: int = logging.INFO, stream=None) -> logging.Handler:

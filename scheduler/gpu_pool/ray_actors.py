@@ -219,4 +219,6 @@ def connect_ray(address: str | None, *, num_cpus: int | None = None, namespace: 
     else:
         ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 << 20)
-    log.info("connected to Ray: %s", ray.cluster_resources())
+    resources = ray.cluster_resources()
+    log.info("connected to Ray: %g CPU(s), %g GPU(s)", resources.get("CPU", 0), resources.get("GPU", 0),
+             extra={"resources": resources})

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from storyfarm.daemon.cli_ops import DEFAULT_RUNBOOK_BASE
 from storyfarm.daemon.config import load_config
 from storyfarm.daemon.server import Daemon
 from storyfarm.v1 import render_pb2 as pb
@@ -219,9 +220,11 @@ def test_daemon_down_alert_goes_pending(farm):
     daemon.shutdown()
     prom.wait_for('up{job="storyfarm"} == 0', "the daemon going down", 30)
     deadline = time.monotonic() + 30
-    while not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == "StoryfarmDaemonDown"]:
+    while not (down := [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == "StoryfarmDaemonDown"]):
         assert time.monotonic() < deadline, "StoryfarmDaemonDown never went pending"
         time.sleep(0.5)
+    # the link Alertmanager and Grafana will show: absolute, on the rules' base, at the alert's section
+    assert down[0]["annotations"]["runbook_url"] == f"{DEFAULT_RUNBOOK_BASE}#storyfarmdaemondown"
 
 
 def draw_dashboard(prom: Prometheus, start: float, path: Path) -> None:

@@ -1,7 +1,8 @@
-"""The files of ops/ checked with the tools that consume them (promtool, systemd-analyze, the
-daemon's own config loader) and against each other: every query names a metric of the catalog,
-every metric is on the dashboard or in an alert, every alert has a runbook entry and a test, and
-the compose file, provisioning and scrape config agree on names, paths and ports."""
+"""The files of ops/ checked with the tools that consume them (promtool, amtool, systemd-analyze,
+the daemon's own config loader) and against each other: every query names a metric of the catalog
+and follows the dashboard's $instance, every metric is on the dashboard or in an alert, every alert
+has a runbook entry, an absolute runbook link to it, a test and a route to a receiver, and the
+compose file, provisioning, scrape config and Alertmanager agree on names, paths and ports."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from storyfarm.daemon.cli import main
+from storyfarm.daemon.cli_ops import DEFAULT_RUNBOOK_BASE
 from storyfarm.daemon.config import load_config
 from storyfarm.daemon.metrics import CATALOG, SPECS
 
@@ -27,10 +31,14 @@ REQUIRED_ALERTS = ("StoryfarmDaemonDown", "StoryfarmWorkerDown", "StoryfarmWorke
 TEST_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*"}
 
 
+ALERTMANAGER = OPS / "alertmanager" / "alertmanager.yml"
+PACKAGES = {"promtool": "prometheus", "amtool": "prometheus-alertmanager", "systemd-analyze": "systemd"}
+
+
 def tool(name: str) -> str:
     found = shutil.which(name) or next((str(p) for p in (Path("/usr/bin") / name, Path("/usr/sbin") / name) if p.exists()), None)
     if found is None:
-        pytest.skip(f"{name} not found (Debian package {'prometheus' if 'prom' in name else 'systemd'}; .ci/run installs prometheus)")
+        pytest.skip(f"{name} not found (Debian package {PACKAGES[name]}; .ci/run installs prometheus and prometheus-alertmanager)")
     return found
 
 
@@ -121,6 +129,22 @@ def test_dashboard_has_its_rows_and_queries_only_known_metrics():
     assert not missing, f"metrics on no panel and in no alert: {sorted(missing)}"
 
 
+def test_every_query_follows_the_instance_variable():
+    """Picking daemons in `$instance` narrows every panel. DCGM series carry the exporter's instance,
+    not the daemon's, so a DCGM query is narrowed through its join: the storyfarm_worker_info side
+    keeps only the picked daemons' GPUs."""
+    board = json.loads(DASHBOARD.read_text())
+    queries = [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", ())]
+    dcgm = [(title, expr) for title, expr in queries if "DCGM_FI_" in expr]
+    assert len(dcgm) >= 5, "the GPU row's DCGM panels are missing"
+    for title, expr in queries:
+        for metric, selector in re.findall(r"\b(storyfarm_[a-z_]+|up|scrape_duration_seconds)\b(\{[^}]*\})?", expr):
+            assert 'instance=~"$instance"' in selector, f"panel {title!r}: {metric} is not filtered by $instance in {expr}"
+    for title, expr in dcgm:
+        assert re.search(r'storyfarm_worker_info\{[^}]*instance=~"\$instance"', expr), \
+            f"DCGM panel {title!r} ignores $instance: {expr}"
+
+
 def test_every_alert_has_a_runbook_entry_a_severity_and_a_rule_test():
     runbook = (OPS / "RUNBOOK.md").read_text()
     headings = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, flags=re.M)}
@@ -131,16 +155,60 @@ def test_every_alert_has_a_runbook_entry_a_severity_and_a_rule_test():
         name = rule["alert"]
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
-        url = rule["annotations"]["runbook_url"]
-        assert url == f"ops/RUNBOOK.md#{name.lower()}", name
         assert name.lower() in headings, f"RUNBOOK.md has no section '## {name}'"
         assert f"alertname: {name}\n" in tests, f"alerts_test.yml does not test {name}"
+
+
+def runbook_anchors() -> set[str]:
+    """The anchors git hosts and Markdown renderers give RUNBOOK.md's headings (GitHub's slugs)."""
+    headings = re.findall(r"^#+ (.+)$", (OPS / "RUNBOOK.md").read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def assert_runbook_links(rules_text: str, base: str) -> None:
+    rules = [r for g in yaml.safe_load(rules_text)["groups"] for r in g["rules"]]
+    anchors = runbook_anchors()
+    for rule in rules:
+        url = rule["annotations"]["runbook_url"]
+        parts = urlsplit(url)
+        assert parts.scheme in ("http", "https") and parts.netloc, f"{rule['alert']}: runbook_url {url!r} is not absolute"
+        assert url == f"{base}#{rule['alert'].lower()}", rule["alert"]
+        assert parts.fragment in anchors, f"{rule['alert']}: RUNBOOK.md has no heading with anchor #{parts.fragment}"
+
+
+def test_every_runbook_link_is_absolute_and_opens_its_runbook_section():
+    assert_runbook_links((OPS / "prometheus" / "alerts.yml").read_text(), DEFAULT_RUNBOOK_BASE)
+    tests = (OPS / "prometheus" / "alerts_test.yml").read_text()
+    assert "runbook_url" in tests and set(re.findall(r'runbook_url: "([^"#]*)#', tests)) == {DEFAULT_RUNBOOK_BASE}
+
+
+def test_render_alerts_puts_the_runbook_links_on_this_sites_base(tmp_path, capsys):
+    """The rules and their tests rendered on another base: only the links change, and promtool
+    still checks the rules and passes their tests."""
+    promtool = tool("promtool")
+    base = "https://wiki.farm.internal/ops/storyfarm/RUNBOOK.md"
+    for name in ("alerts.yml", "alerts_test.yml"):
+        source = OPS / "prometheus" / name
+        assert main(["ops", "render-alerts", "--runbook-base", base, "--rules", str(source), "--out", str(tmp_path / name)]) == 0
+        before, after = source.read_text().splitlines(), (tmp_path / name).read_text().splitlines()
+        changed = [(a, b) for a, b in zip(before, after) if a != b]
+        assert len(before) == len(after) and changed and all("runbook_url" in a for a, _ in changed), name
+    assert_runbook_links((tmp_path / "alerts.yml").read_text(), base)
+    for args in (("check", "rules", "alerts.yml"), ("test", "rules", "alerts_test.yml")):
+        result = run(promtool, *args, cwd=tmp_path)
+        assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    capsys.readouterr()
+    assert main(["ops", "render-alerts", "--runbook-base", base, "--rules", str(OPS / "prometheus" / "alerts.yml")]) == 0
+    assert capsys.readouterr().out == (tmp_path / "alerts.yml").read_text()  # stdout by default
+    for bad in ("ops/RUNBOOK.md", "https://wiki/RUNBOOK.md#top", "ftp://wiki/RUNBOOK.md", 'https://wiki/"x"'):
+        assert main(["ops", "render-alerts", "--runbook-base", bad, "--out", str(tmp_path / "x.yml")]) == 2
+        assert "argument --runbook-base:" in capsys.readouterr().err and not (tmp_path / "x.yml").exists()
 
 
 def test_grafana_provisioning_compose_and_scrape_config_agree(production):
     compose = yaml.safe_load((OPS / "compose" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"storyfarm", "prometheus", "grafana", "dcgm-exporter"}
+    assert set(services) == {"storyfarm", "prometheus", "alertmanager", "grafana", "dcgm-exporter"}
     for name, service in services.items():  # every bind mount of a repository path exists
         for volume in service.get("volumes", ()):
             source = volume.split(":")[0]
@@ -157,11 +225,35 @@ def test_grafana_provisioning_compose_and_scrape_config_agree(production):
     port = production.metrics_listen.rsplit(":", 1)[1]
     assert jobs["storyfarm"] == [f"storyfarm:{port}"] and jobs["dcgm"] == ["dcgm-exporter:9400"]
     assert {r["expr"].split('job="')[1].split('"')[0] for r in alert_rules() if 'job="' in r["expr"]} == {"storyfarm"}
+    # Prometheus sends alerts to the compose file's Alertmanager, which reads ops/alertmanager/
+    [managers] = scrape["alerting"]["alertmanagers"]
+    assert managers["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    manager = services["alertmanager"]
+    assert manager["image"].startswith("prom/alertmanager:") and "127.0.0.1:9093:9093" in manager["ports"]
+    mounts = dict(v.split(":")[:2] for v in manager["volumes"])
+    config_file = next(a.split("=", 1)[1] for a in manager["command"] if a.startswith("--config.file="))
+    assert config_file == f"{mounts['../alertmanager']}/{ALERTMANAGER.name}"
     grace = int(services["storyfarm"]["stop_grace_period"].rstrip("m")) * 60
     assert grace > production.grace_seconds
     dockerfile = (OPS / "compose" / "Dockerfile").read_text()
     for folder in re.findall(r"^COPY (\w+) ", dockerfile, flags=re.M):
         assert (REPO / folder).is_dir(), f"Dockerfile copies {folder}/, which the repository does not have"
+
+
+def test_alertmanager_config_checks_and_routes_every_alert_to_a_receiver():
+    amtool = tool("amtool")
+    result = run(amtool, "check-config", str(ALERTMANAGER))
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    assert set(config["route"]["group_by"]) == {"alertname", "severity"}
+    receivers = {r["name"] for r in config["receivers"]}
+    assert any(r.get("webhook_configs") for r in config["receivers"])  # the example receiver
+    for rule in alert_rules():
+        result = run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER}",
+                     f"alertname={rule['alert']}", f"severity={rule['labels']['severity']}", "instance=farm1:9400")
+        routed = set(result.stdout.strip().split(","))
+        assert result.returncode == 0 and routed and routed <= receivers, \
+            f"{rule['alert']}: {result.stdout}{result.stderr}"
 
 
 def test_systemd_unit_verifies_and_outlives_the_grace_period(tmp_path, production):
@@ -197,4 +289,5 @@ def test_ci_installs_prometheus_and_runs_the_whole_suite():
     script = (REPO / ".ci" / "run").read_text()
     assert "set -euo pipefail" in script and script.rstrip().endswith("make test")
     assert "apt-get install" in script and "prometheus" in script
+    assert "prometheus-alertmanager" in script and "command -v amtool" in script  # amtool check-config above
     assert run("bash", "-n", str(REPO / ".ci" / "run")).returncode == 0

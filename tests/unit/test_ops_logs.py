@@ -1,5 +1,6 @@
 """Log lines: JSON objects with the ids a search needs, text lines with the same context, and the
-dispatch observer that writes one line per attempt, story end and worker event."""
+dispatch observer that writes one line per attempt, story end and worker event. Structured values
+(a worker's warm-up report, a Ray cluster's resources) are JSON fields, never reprs in `message`."""
 
 from __future__ import annotations
 
@@ -7,21 +8,31 @@ import io
 import json
 import logging
 
+import sys
+import types
+
 import pytest
 
 from storyfarm.daemon.logs import JsonFormatter, LogObserver, TextFormatter, configure_logging
 from storyfarm.scheduler.gpu_pool.messages import Failed, ShotTask
 
 
-def capture(formatter) -> tuple[logging.Logger, io.StringIO]:
+def capture(formatter, name: str | None = None, monkeypatch=None) -> tuple[logging.Logger, io.StringIO]:
+    """A logger (a fresh one, or the module logger `name`, restored by `monkeypatch`) that writes
+    only to the returned stream, in `formatter`'s format."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
-    logger = logging.getLogger(f"storyfarm.test.{id(stream)}")
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
+    logger = logging.getLogger(name or f"storyfarm.test.{id(stream)}")
+    setattr_ = monkeypatch.setattr if monkeypatch else lambda obj, key, value: setattr(obj, key, value)
+    setattr_(logger, "handlers", [handler])
+    setattr_(logger, "propagate", False)
+    setattr_(logger, "level", logging.DEBUG)
     return logger, stream
+
+
+WARMUP = {"seconds": 12.5, "forwards": 4, "memory_counts": [0, 3], "attention": {"backend": "sdpa"},
+          "compile": {"high_noise": {"recompiles": 0}}}
 
 
 def test_json_lines_carry_context_and_exceptions():
@@ -77,3 +88,56 @@ def test_log_observer_writes_one_line_per_farm_event_with_ids():
     assert finished["level"] == "warning" and finished["outcome"] == "lost" and "worker process died" in finished["message"]
     assert story["story_id"] == "st_1" and story["outcome"] == "failed" and "shot_id" not in story
     assert worker["worker"] == "w0" and worker["device"] == "cuda:0" and worker["reason"] == "worker_died"
+
+
+def test_structured_values_are_json_fields_not_reprs_in_the_message():
+    logger, stream = capture(JsonFormatter())
+    logger.info("warmed up", extra={"worker": "w0", "warmup": WARMUP, "resources": {"CPU": 8.0}})
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "warmed up" and line["warmup"] == WARMUP and line["resources"] == {"CPU": 8.0}
+    text_logger, text = capture(TextFormatter())
+    text_logger.info("warmed up", extra={"worker": "w0", "resources": {"CPU": 8.0}})
+    assert text.getvalue().rstrip().endswith('warmed up [worker=w0 resources={"CPU":8.0}]')
+
+
+def test_worker_warm_up_report_is_a_field_of_its_line(monkeypatch):
+    """The real WorkerRuntime.load, with the model side (torch, the engine, the driver) replaced in
+    sys.modules by stand-ins: its log line, not the model, is under test."""
+    from storyfarm.scheduler.gpu_pool.worker import WorkerRuntime
+
+    class FakeEngine:
+        attention_backend = "sdpa"
+
+        def __init__(self, preset, device, expert_placement):
+            self.preset = preset
+
+        def warm_up(self):
+            return WARMUP
+
+    stand_ins = {
+        "torch": types.SimpleNamespace(set_num_threads=lambda n: None),
+        "storyfarm.m2v.render.engine": types.SimpleNamespace(Engine=FakeEngine),
+        "storyfarm.m2v.render.driver": types.SimpleNamespace(
+            RenderSettings=dict, StoryRenderer=lambda engine, settings: types.SimpleNamespace(engine=engine)),
+        "storyfarm.story.presets": types.SimpleNamespace(load_preset=lambda name: types.SimpleNamespace(name=name)),
+    }
+    for name, module in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    _, stream = capture(JsonFormatter(), "storyfarm.scheduler.gpu_pool.worker", monkeypatch)
+    ready = WorkerRuntime("w0", "tiny", "cpu", send=lambda msg: None).load()
+    assert ready.attention_backend == "sdpa"
+    line = json.loads(stream.getvalue())
+    assert line["warmup"] == WARMUP and (line["worker"], line["device"], line["attention"]) == ("w0", "cpu", "sdpa")
+    assert line["message"] == "worker w0 on cpu warmed up in 12.5 s (attention sdpa)"
+
+
+def test_ray_connection_logs_the_cluster_resources_as_a_field(monkeypatch):
+    from storyfarm.scheduler.gpu_pool.ray_actors import connect_ray
+
+    resources = {"CPU": 16.0, "GPU": 2.0, "memory": 1e9, "node:10.0.0.5": 1.0}
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: None, cluster_resources=lambda: resources)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    _, stream = capture(JsonFormatter(), "storyfarm.scheduler.gpu_pool.ray_actors", monkeypatch)
+    connect_ray("auto")
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "connected to Ray: 16 CPU(s), 2 GPU(s)" and line["resources"] == resources
