@@ -18,7 +18,8 @@ $(VENV): pyproject.toml constraints-cpu.txt
 
 # The demo runs the real thing: the daemon in the background on the embedded defaults (tiny preset,
 # CPU, loopback), the example story submitted and watched with progress bars, its artifacts
-# downloaded to $(DEMO_OUT), then the daemon stopped with SIGTERM (a clean, graceful exit).
+# downloaded to $(DEMO_OUT) (--force: replacing an earlier demo's files, a story of another id),
+# then the daemon stopped with SIGTERM (a clean, graceful exit).
 demo: $(VENV)
 	@rm -rf $(DEMO_DATA) && mkdir -p $(DEMO_DATA)
 	@set -e; \
@@ -28,7 +29,7 @@ demo: $(VENV)
 	id=$$($(VENV)/bin/storyfarm submit configs/stories/lighthouse.yaml --server $(DEMO_SERVER) --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["story_id"])'); \
 	echo "submitted story $$id"; \
 	$(VENV)/bin/storyfarm watch $$id --server $(DEMO_SERVER); \
-	$(VENV)/bin/storyfarm download $$id --out $(DEMO_OUT) --server $(DEMO_SERVER); \
+	$(VENV)/bin/storyfarm download $$id --out $(DEMO_OUT) --force --server $(DEMO_SERVER); \
 	echo "story video: $(DEMO_OUT)/story.mp4 (daemon log: $(DEMO_DATA)/daemon.log)"
 
 test: $(VENV)

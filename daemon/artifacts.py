@@ -16,7 +16,12 @@ Invariants:
 - temporaries are dot-files named `.<name>.<random>.tmp<ext>`; `sweep_temporaries` removes them
   and half-removed story folders (`stories/.rm-*`) after a crash. Run it before workers start,
   or with `older_than` while they run;
-- the sha256 and size returned by `publish` are those of the bytes written, computed while writing.
+- the sha256 and size returned by `publish` are those of the bytes written, computed while writing;
+- a read is pinned to one version: `open_version` hands out an open file only when its bytes have
+  the sha256 the caller expects (the job store's record). A worker publishes a take's files before
+  the job store records them, so during a re-render the file under a name can be newer than the
+  record for a while; a reader then gets ArtifactChanged, never the new bytes under the old hash.
+  What was opened stays that version to its last byte: a republish replaces the name, not the file.
 The store is a folder, not a database: the job store records which artifacts a story has.
 """
 
@@ -27,8 +32,10 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +49,7 @@ ARTIFACT_NAME_PATTERN = re.compile(
 TEMPORARY_PATTERN = re.compile(r"\..+\.tmp(?:\.[A-Za-z0-9]+)?")  # atomic_output's and older `.x.tmp`
 REMOVAL_PREFIX = ".rm-"
 CHUNK = 1 << 20
+HASHES_KEPT = 4096  # file versions whose sha256 open_version remembers (a few hundred bytes each)
 
 
 class ArtifactError(Exception):
@@ -58,6 +66,10 @@ class ArtifactNotFound(ArtifactError, LookupError):
 
 class OffsetOutOfRange(ArtifactError, ValueError):
     pass
+
+
+class ArtifactChanged(ArtifactError):
+    """The file under the name is not the version expected: it is being republished (a re-render)."""
 
 
 class UnsafePath(ArtifactError):
@@ -91,6 +103,8 @@ class ArtifactStore:
         self.root = self.data_dir / "stories"
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_components(self.root)
+        self._hashes: OrderedDict[tuple[int, ...], str] = OrderedDict()  # file identity -> sha256
+        self._hashes_lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -213,3 +227,34 @@ class ArtifactStore:
             f.close()
             raise
         return f, st.st_size
+
+    def open_version(self, story_id: str, name: str, sha256: str, offset: int = 0) -> tuple[BinaryIO, int]:
+        """open_range, refused with ArtifactChanged unless the opened file's bytes hash to `sha256`.
+        Each file version is hashed once (publication makes a new inode, so the key changes)."""
+        handle, size = self.open_range(story_id, name, offset)
+        try:
+            actual = self._sha256_of(handle.fileno())
+            if actual != sha256:
+                raise ArtifactChanged(f"{name} was republished: the file is sha256 {actual[:12]}..., "
+                                      f"the story records {sha256[:12]}...")
+        except BaseException:
+            handle.close()
+            raise
+        return handle, size
+
+    def _sha256_of(self, fd: int) -> str:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._hashes_lock:
+            if key in self._hashes:
+                self._hashes.move_to_end(key)
+                return self._hashes[key]
+        digest, position = hashlib.sha256(), 0
+        while block := os.pread(fd, CHUNK, position):  # pread: the caller's read position is kept
+            digest.update(block)
+            position += len(block)
+        with self._hashes_lock:
+            self._hashes[key] = digest.hexdigest()
+            while len(self._hashes) > HASHES_KEPT:
+                self._hashes.popitem(last=False)
+        return digest.hexdigest()

@@ -12,15 +12,20 @@ Invariants:
   retry of it, so a submit that went through before its reply was lost returns the same story
   (`created` false). `rerender_shot` is retried the same way (its request id is reused).
   `retry_shot` is never retried. Retries happen on UNAVAILABLE,
-  DEADLINE_EXCEEDED, and RESOURCE_EXHAUSTED when the daemon attached a short RetryInfo; the delay
-  grows exponentially, bounded, and is never shorter than the daemon's RetryInfo;
+  DEADLINE_EXCEEDED, ABORTED when the daemon attached a RetryInfo (nothing was done: a conflict
+  that passes, such as an artifact whose new take is being recorded), and RESOURCE_EXHAUSTED when
+  the daemon attached a short RetryInfo; the delay grows exponentially, bounded, and is never
+  shorter than the daemon's RetryInfo;
 - a broken watch reconnects with `after_seq` = the seq of the last event it yielded, so no
   durable event is lost or yielded twice; it gives up only after `reconnect_window` seconds
   without receiving anything;
 - a download is written to `<dest>.part`, continued from that file's size after a break (with
   the sha256 the daemon announced, so two versions of an artifact are never spliced), checked
   against the sha256 once complete, and only then renamed onto `<dest>`: `<dest>` is either
-  absent, the old file, or the whole verified artifact;
+  absent, the old file, or the whole verified artifact. When the daemon says the artifact was
+  republished (ARTIFACT_CHANGED: a re-render), that file starts again from byte 0, at once or
+  after the RetryInfo while the new take is being recorded. Which files of a folder a download
+  may replace is client_download.py's business;
 - every call carries `authorization: Bearer <token>` when a token is known (argument, else
   STORYFARM_TOKEN); the channel pings every minute so a silent dead connection breaks a stream
   instead of hanging it (the daemon must accept pings that often).
@@ -28,19 +33,19 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 from storyfarm.v1 import render_pb2, render_pb2_grpc
 
+from storyfarm.daemon.client_download import DownloadConflict, download_story
 from storyfarm.daemon.client_wire import (
     Event,
     StoryfarmError,
@@ -51,8 +56,10 @@ from storyfarm.daemon.client_wire import (
     timestamp,
     to_plain,
 )
+from storyfarm.story.files import sha256_file
 
-__all__ = ["DEFAULT_SERVER", "TLS", "Event", "RetryPolicy", "StoryfarmClient", "StoryfarmError", "parse_deadline"]
+__all__ = ["DEFAULT_SERVER", "TLS", "DownloadConflict", "Event", "RetryPolicy", "StoryfarmClient", "StoryfarmError",
+           "parse_deadline"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MiB = 1 << 20
@@ -79,6 +86,8 @@ class RetryPolicy:
     def retryable(self, error: StoryfarmError) -> bool:
         if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return True
+        if error.code == grpc.StatusCode.ABORTED:  # a conflict that passes, when the daemon says when
+            return error.retry_after is not None
         return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after is not None \
             and error.retry_after <= self.maximum
 
@@ -257,26 +266,28 @@ class StoryfarmClient:
             story_id=story_id, shot_index=shot_index, kinds=[enum_value(render_pb2.ArtifactKind, k) for k in kinds or ()])
         return self._paged("ListArtifacts", request, "artifacts")
 
-    def download(self, story_id: str, name: str, dest_path: str | Path, *,
+    def download(self, story_id: str, name: str, dest_path: str | Path, *, sha256: str | None = None,
                  on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Downloads artifact `name` to `dest_path` (see the module's invariants). Returns name,
-        path, size and sha256. `on_progress(received, total)` is called after every chunk."""
+        """Downloads artifact `name` to `dest_path`, replacing what is there (see the module's
+        invariants). `sha256`, from a listing, pins that version from the first request: if the
+        daemon has another by now, the file starts over at once instead of after a wasted transfer.
+        Returns name, path, size and sha256. `on_progress(received, total)` follows every chunk."""
         dest = Path(dest_path)
         part = dest.with_name(dest.name + ".part")
         dest.parent.mkdir(parents=True, exist_ok=True)
         part.touch()
         try:
-            return self._download(story_id, name, dest, part, on_progress)
+            return self._download(story_id, name, dest, part, sha256 or "", on_progress)
         except BaseException:
             if part.exists() and part.stat().st_size == 0:
                 part.unlink()  # nothing worth resuming: leave no litter
             raise
 
-    def _download(self, story_id: str, name: str, dest: Path, part: Path, on_progress) -> dict[str, Any]:
-        # A part file left by an earlier run is of unknown version: resume it unchecked and let the
-        # final sha256 decide. Within this call, `expected` pins the version the first chunk announced.
-        expected, restarts = "", 0
-        backoff = _Backoff(self.retry, stream=True)
+    def _download(self, story_id: str, name: str, dest: Path, part: Path, expected: str, on_progress) -> dict[str, Any]:
+        # A part file left by an earlier run is of unknown version unless the caller pinned one:
+        # resume it and let the final sha256 decide. Within this call, `expected` is the version the
+        # first chunk named (every chunk names it; older daemons named it in the first chunk only).
+        restarts, backoff = 0, _Backoff(self.retry, stream=True)
         while True:
             total, sha, error = None, None, None
             with open(part, "ab") as out:
@@ -285,12 +296,14 @@ class StoryfarmClient:
                 stream = self._stub.DownloadArtifact(request, metadata=self._metadata)
                 try:
                     for chunk in stream:
+                        if sha is None:
+                            total, sha = chunk.total_size, chunk.sha256
+                            expected = sha or expected
                         if chunk.offset != out.tell():
                             error = StoryfarmError(grpc.StatusCode.DATA_LOSS,
                                                    f"{name}: chunk at byte {chunk.offset}, expected {out.tell()}")
                             break
                         out.write(chunk.data)
-                        total, sha, expected = chunk.total_size, chunk.sha256, chunk.sha256
                         backoff.progressed()
                         if on_progress:
                             on_progress(out.tell(), total)
@@ -301,35 +314,27 @@ class StoryfarmClient:
                     out.flush()
                     os.fsync(out.fileno())
             if error is None and total is not None and part.stat().st_size >= total:
-                if part.stat().st_size == total and _sha256(part) == sha:
+                if part.stat().st_size == total and sha256_file(part) == sha:
                     return _publish(part, dest, name, total, sha)
                 error = StoryfarmError(grpc.StatusCode.DATA_LOSS, f"{name}: the downloaded bytes do not match sha256 {sha}")
             if error is None:  # ended early without a status: a broken connection by another name
                 error = StoryfarmError(grpc.StatusCode.UNAVAILABLE, f"{name}: the stream ended before the last byte")
             if error.code in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.OUT_OF_RANGE) or error.reason == "ARTIFACT_CHANGED":
-                if restarts >= 2:
-                    raise error
-                restarts, expected = restarts + 1, ""
+                expected = ""
                 part.write_bytes(b"")  # start over from byte 0: what we hold is not the current artifact
-                continue
-            backoff.pause(error)
+                if error.retry_after is None:  # the current version is there to fetch: at once
+                    restarts += 1
+                    if restarts > 2:
+                        raise error
+                    continue
+            backoff.pause(error)  # ARTIFACT_CHANGED with RetryInfo: a take still being recorded
 
-    def download_all(self, story_id: str, out_dir: str | Path, *, names: Iterable[str] | None = None,
+    def download_all(self, story_id: str, out_dir: str | Path, *, names: Iterable[str] | None = None, force: bool = False,
                      on_progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
         """Downloads every artifact (or those in `names`) under out_dir, keeping the daemon's
-        names (e.g. out_dir/shots/0001.mp4). Files already there with the right sha256 are kept."""
-        wanted = set(names) if names is not None else None
-        chosen = [(a, Path(out_dir, *_safe_parts(a["name"]))) for a in self.artifacts(story_id)
-                  if wanted is None or a["name"] in wanted]  # every name checked before any byte is written
-        done = []
-        for artifact, dest in chosen:
-            name = artifact["name"]
-            if dest.is_file() and dest.stat().st_size == artifact["size"] and _sha256(dest) == artifact["sha256"]:
-                done.append({"name": name, "path": str(dest), "size": artifact["size"], "sha256": artifact["sha256"]})
-                continue
-            report = (lambda got, total, n=name: on_progress(n, got, total)) if on_progress else None
-            done.append(self.download(story_id, name, dest, on_progress=report))
-        return done
+        names (e.g. out_dir/shots/0001.mp4); files already there with the right sha256 are kept.
+        Refuses (DownloadConflict) to replace other files unless `force`: see client_download."""
+        return download_story(self, story_id, out_dir, names=names, force=force, on_progress=on_progress).files
 
     # --- pool ----------------------------------------------------------------------------------
 
@@ -372,22 +377,6 @@ class StoryfarmClient:
         """The events of every story of the batch until all are finished, reconnecting as watch()."""
         return self._events("WatchBatch", lambda seq: render_pb2.WatchBatchRequest(batch_id=batch_id, after_seq=seq),
                             after_seq)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _safe_parts(name: str) -> tuple[str, ...]:
-    """An artifact name as path parts under the output folder; refuses anything that could leave it."""
-    parts = PurePosixPath(name).parts
-    if not parts or PurePosixPath(name).is_absolute() or any(p in ("", ".", "..") or "\\" in p for p in parts):
-        raise StoryfarmError(grpc.StatusCode.DATA_LOSS, f"the daemon sent an unsafe artifact name {name!r}")
-    return parts
 
 
 def _publish(part: Path, dest: Path, name: str, size: int, sha: str) -> dict[str, Any]:

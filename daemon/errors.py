@@ -19,13 +19,15 @@ class RpcError(Exception):
     """Raised inside handlers; turned into a rich status by the servicer's wrapper."""
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str, *, fields: list[tuple[str, str]] = (),
-                 retry_after: float | None = None, resource: tuple[str, str] | None = None):
+                 retry_after: float | None = None, resource: tuple[str, str] | None = None,
+                 metadata: dict[str, str] | None = None):
         super().__init__(message)
         self.code, self.message, self.reason = code, message, reason
         self.fields, self.retry_after, self.resource = list(fields), retry_after, resource
+        self.metadata = dict(metadata or {})
 
     def status(self) -> grpc.Status:
-        details = [error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)]
+        details = [error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)]
         if self.fields:
             details.append(error_details_pb2.BadRequest(field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.fields

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from storyfarm.daemon.artifacts import (
+    ArtifactChanged,
     ArtifactNotFound,
     ArtifactStore,
     InvalidName,
@@ -145,6 +146,23 @@ def test_resumable_reads(store):
             store.open_range(SID, SHOT, bad)
     with pytest.raises(ArtifactNotFound):
         store.open_range(SID, "story.mp4", 0)
+
+
+def test_reads_are_pinned_to_one_version(store):
+    """A take's file is republished before the job store records it: a read names the version it
+    expects and gets that one or ArtifactChanged; a read already open finishes the old version."""
+    old, new = os.urandom(3 << 20), os.urandom(2 << 20)
+    old_sha = store.publish(SID, SHOT, old).sha256
+    f, size = store.open_version(SID, SHOT, old_sha, 1 << 20)
+    new_sha = store.publish(SID, SHOT, new).sha256  # republished while that read is open
+    with f:
+        assert (size, f.read()) == (len(old), old[1 << 20:])
+    with pytest.raises(ArtifactChanged, match="republished"):
+        store.open_version(SID, SHOT, old_sha)  # the file is newer than the record a reader holds
+    for offset in (0, len(new)):  # the new version's hash is remembered, the read position kept
+        f, size = store.open_version(SID, SHOT, new_sha, offset)
+        with f:
+            assert (size, f.read()) == (len(new), new[offset:])
 
 
 def test_remove_story(store):

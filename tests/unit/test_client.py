@@ -60,6 +60,7 @@ class FakeDaemon(render_pb2_grpc.RenderServiceServicer):
         self.unavailable_after_commit = 0  # SubmitStory: store the story, then fail this many times
         self.drop_watch = True  # the first WatchStory breaks after the first shot
         self.download_breaks = 0  # DownloadArtifact: break this many streams after 3 chunks
+        self.meta_in_first_chunk_only = False  # DownloadArtifact: size and sha256 only in the first chunk (older daemons)
         self.final_state = pb.STORY_STATE_SUCCEEDED
 
     def seen(self, rpc: str) -> list:
@@ -210,7 +211,8 @@ class FakeDaemon(render_pb2_grpc.RenderServiceServicer):
             if n == 3 and self.download_breaks:
                 self.download_breaks -= 1
                 abort(context, grpc.StatusCode.UNAVAILABLE, "connection reset")
-            yield pb.ArtifactChunk(offset=offset, data=data[offset:offset + CHUNK], total_size=len(data), sha256=sha)
+            meta = {} if n and self.meta_in_first_chunk_only else {"total_size": len(data), "sha256": sha}
+            yield pb.ArtifactChunk(offset=offset, data=data[offset:offset + CHUNK], **meta)
 
 
 @pytest.fixture
@@ -317,6 +319,17 @@ def test_download_resumes_from_the_part_file_and_checks_sha256(daemon, client, t
     fake.add_artifact(story_id, "../escape.mp4", b"x")
     with pytest.raises(StoryfarmError, match="unsafe artifact name"):
         client.download_all(story_id, tmp_path / "all")
+
+
+def test_download_keeps_the_size_and_sha256_of_the_first_chunk(daemon, client, tmp_path):
+    fake, _ = daemon
+    story_id = fake.add_story().story_id
+    data = random.Random(4).randbytes(4 * CHUNK + 7)
+    fake.add_artifact(story_id, "story.mp4", data)
+    fake.meta_in_first_chunk_only, fake.download_breaks = True, 1
+    assert client.download(story_id, "story.mp4", tmp_path / "story.mp4")["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "story.mp4").read_bytes() == data
+    assert [r.expected_sha256 for r in fake.seen("DownloadArtifact")] == ["", hashlib.sha256(data).hexdigest()]
 
 
 def test_download_starts_over_when_a_leftover_part_does_not_match(daemon, client, tmp_path):
