@@ -1,13 +1,18 @@
 """Keyframe selection: which frames of a rendered shot join the story's memory (StoryMem).
 
-Role: after each shot, embed its frames with CLIP, drop frames an aesthetic gate rejects, keep frames
-that differ enough from the last kept one (tightening until at most `max_keyframes` remain), and
-skip those the story's memory already holds. The decision itself (`select_keyframes`) is a pure
-function on tensors; embedders and gates are pluggable objects around it.
+Role: after each shot, embed every one of its frames with CLIP, drop frames an aesthetic gate
+(m2v.memory.gates) rejects, keep frames that differ enough from the last kept one (tightening until
+at most `max_keyframes` remain), and skip those the story's memory already holds. The decision
+itself (`select_keyframes`) is a pure function on tensors; embedders and gates are pluggable objects
+around it; `ShotScan` applies it to a shot fed frame batch by frame batch.
 
 Invariants:
 - Embeddings are float32 [T, D] with L2-normalised rows, so a dot product is a cosine similarity.
   CLIP preprocessing is done here in torch (no torchvision, no image-processor class).
+- Every frame is walked, as StoryMem does (a sample of evenly spaced frames misses short events: a
+  character crossing the frame between two samples never becomes a keyframe). Frames are embedded
+  in bounded batches and a streamed shot is never held whole: only its embeddings and the images
+  of the frames that can still be chosen.
 - Expensive models (the CLIP tower, HPSv3's 7B reward model) are loaded once, at construction, and
   reused for every shot; optional backends are imported lazily with an error saying what to set.
 - An empty selection is a valid answer; callers must cope with it.
@@ -29,24 +34,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from storyfarm.m2v.memory.gates import (  # the gates stay importable from here (__all__)
+    GATE_KINDS, HPSV3_WEIGHTS_FIELD, AestheticGate, HPSv3Gate, NoGate, QualityGate, as_frames, make_gate,
+)
+
 __all__ = [
-    "AestheticGate", "FrameEmbedder", "HPSv3Gate", "KeyframeSelector", "NoGate", "OpenCLIPEmbedder",
-    "QualityGate", "SelectionStats", "TransformersCLIPEmbedder", "build_tiny_clip_embedder",
-    "candidate_indices", "make_gate", "select_keyframes",
+    "GATE_KINDS", "HPSV3_WEIGHTS_FIELD", "AestheticGate", "FrameEmbedder", "HPSv3Gate", "KeyframeSelector", "NoGate", "OpenCLIPEmbedder",
+    "QualityGate", "SelectionStats", "ShotScan", "TransformersCLIPEmbedder", "build_tiny_clip_embedder",
+    "make_gate", "select_keyframes",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HPSV3_WEIGHTS_FIELD = "weights.hpsv3"  # the config field named in errors
-GATE_KINDS = ("hpsv3", "quality", "off")
-
-
-def _as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [T, H, W, 3] (numpy or torch) -> uint8 torch tensor, validated."""
-    x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {x.dtype} {list(x.shape)}")
-    return x
 
 
 # ---- embedders -------------------------------------------------------------------------------
@@ -85,7 +84,7 @@ class _BatchedImageEmbedder:
 
     @torch.no_grad()
     def embed(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = _as_frames(frames)
+        x = as_frames(frames)
         device, dtype = self._device_dtype()
         out = []
         for start in range(0, x.shape[0], self.batch_size):
@@ -170,131 +169,10 @@ class OpenCLIPEmbedder(_BatchedImageEmbedder):
         return self.model.encode_image(pixels)
 
 
-# ---- aesthetic gates -------------------------------------------------------------------------
-@runtime_checkable
-class AestheticGate(Protocol):
-    name: str
-    threshold: float
-
-    def scores(self, frames: np.ndarray) -> list[float]: ...
-
-    def passes(self, frames: np.ndarray) -> list[bool]: ...
-
-
-class _ThresholdGate:
-    name = "gate"
-    threshold = 0.0
-
-    def scores(self, frames) -> list[float]:
-        raise NotImplementedError
-
-    def passes(self, frames) -> list[bool]:
-        """A frame passes when its score is at least the threshold (the official `score >= 3.0`)."""
-        return [s >= self.threshold for s in self.scores(frames)]
-
-
-class NoGate(_ThresholdGate):
-    """Every frame passes."""
-
-    name = "off"
-    threshold = -math.inf
-
-    def scores(self, frames) -> list[float]:
-        return [0.0] * _as_frames(frames).shape[0]
-
-
-class QualityGate(_ThresholdGate):
-    """A cheap no-reference image-quality score in 0..10 (HPSv3's usual range), for when HPSv3 is absent.
-
-    On luma Y (BT.601, 0..255) of the frame downscaled to a short side of at most `analysis_size`
-    (so the score does not depend on the render resolution):
-      sharpness = min(1, log(1 + var(Laplacian(Y))) / log(1 + 1000))
-      contrast  = min(1, std(Y) / 50)
-      exposure  = (1 - (2 * mean(Y) / 255 - 1) ** 2) * (1 - fraction of pixels with Y <= 3 or >= 252)
-      score     = 10 * sharpness * contrast ** 0.25 * exposure ** 0.25
-    A product, so a frame failing any one criterion outright (flat, black, blown out) scores near 0,
-    while a sharp, well-exposed textured frame scores near 10. Sharpness weighs most because blur
-    (motion blur, fades) is what generated frames fail on: at the default threshold 3.0 a frame with a
-    Laplacian variance below about 7 fails even with full contrast and exposure.
-    """
-
-    name = "quality"
-
-    def __init__(self, threshold: float = 3.0, analysis_size: int = 256):
-        self.threshold = float(threshold)
-        self.analysis_size = analysis_size
-
-    def components(self, frames) -> dict[str, torch.Tensor]:
-        x = _as_frames(frames).permute(0, 3, 1, 2).float()
-        if min(x.shape[-2:]) > self.analysis_size:
-            scale = self.analysis_size / min(x.shape[-2:])
-            x = F.interpolate(x, scale_factor=scale, mode="area")
-        luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-        laplacian = F.conv2d(luma, kernel).flatten(1)
-        luma = luma.flatten(1)
-        mean = luma.mean(1) / 255.0
-        clipped = ((luma <= 3) | (luma >= 252)).float().mean(1)
-        return {
-            "sharpness": (torch.log1p(laplacian.var(1)) / math.log1p(1000.0)).clamp(0, 1),
-            "contrast": (luma.std(1) / 50.0).clamp(0, 1),
-            "exposure": ((1 - (2 * mean - 1) ** 2) * (1 - clipped)).clamp(0, 1),
-        }
-
-    def scores(self, frames) -> list[float]:
-        c = self.components(frames)
-        score = 10 * c["sharpness"] * c["contrast"] ** 0.25 * c["exposure"] ** 0.25
-        return score.tolist()
-
-
-class HPSv3Gate(_ThresholdGate):
-    """HPSv3 reward (the official gate, score >= 3.0), loaded once and reused for every shot.
-
-    Frames are scored with an empty prompt, as the official pipeline does.
-    """
-
-    name = "hpsv3"
-
-    def __init__(self, weights_path: str | None, threshold: float = 3.0, device: str = "cpu", *,
-                 config_path: str | None = None, batch_size: int = 4):
-        if not weights_path or not Path(weights_path).is_file():
-            raise FileNotFoundError(f"HPSv3 weights not found at {weights_path!r}: set {HPSV3_WEIGHTS_FIELD} to "
-                                    "the local HPSv3 checkpoint, or choose the 'quality' or 'off' gate")
-        try:
-            from hpsv3 import HPSv3RewardInferencer
-        except Exception as exc:
-            raise ImportError(f"{HPSV3_WEIGHTS_FIELD} is set but the `hpsv3` package does not import; install "
-                              "it or choose the 'quality' or 'off' gate") from exc
-        self.threshold = float(threshold)
-        self.batch_size = batch_size
-        self._inferencer = HPSv3RewardInferencer(config_path=config_path, checkpoint_path=str(weights_path),
-                                                 device=device)
-
-    def scores(self, frames) -> list[float]:
-        from PIL import Image
-
-        x = _as_frames(frames).cpu().numpy()
-        out: list[float] = []
-        for start in range(0, len(x), self.batch_size):
-            images = [Image.fromarray(f) for f in x[start:start + self.batch_size]]
-            with torch.no_grad():
-                rewards = self._inferencer.reward(image_paths=images, prompts=[""] * len(images))
-            out.extend(float(r[0]) for r in rewards)  # mu of the reward head, as upstream
-        return out
-
-
-def make_gate(kind: str, **opts) -> AestheticGate:
-    """Build an aesthetic gate by config name: "hpsv3" | "quality" | "off"."""
-    if kind == "hpsv3":
-        return HPSv3Gate(**opts)
-    if kind == "quality":
-        return QualityGate(**opts)
-    if kind == "off":
-        return NoGate()
-    raise ValueError(f"unknown aesthetic gate {kind!r}; allowed: {', '.join(GATE_KINDS)}")
-
-
 # ---- the decision ----------------------------------------------------------------------------
+MAX_ROUNDS = 10_000  # thresholds of the adaptive loop (0.9 in steps of 0.01 down to 0 is 91)
+
+
 @dataclass
 class _Decision:
     keyframes: list[int]
@@ -302,44 +180,89 @@ class _Decision:
     duplicates: list[int]  # accepted but dropped as already in memory
 
 
-def _walk(similarity: torch.Tensor, passes: Sequence[bool], threshold: float, limit: int) -> list[int]:
-    """Accept the first passing frame, then each passing frame less similar than `threshold` to
-    the last accepted one. Stops early once more than `limit` are accepted."""
-    accepted: list[int] = []
-    for i in range(similarity.shape[0]):
-        if passes[i] and (not accepted or similarity[accepted[-1], i] < threshold):
-            accepted.append(i)
-            if len(accepted) > limit:
-                break
-    return accepted
+def _thresholds(threshold: float, step: float) -> list[float]:
+    """The adaptive loop's thresholds: threshold - k * step for k = 0, 1, ... up to the first <= 0."""
+    if step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
+    last = max(0, math.ceil(threshold / step) - 1)  # then exact on the float test the loop makes
+    while threshold - last * step > 0:
+        last += 1
+    while last > 0 and threshold - (last - 1) * step <= 0:
+        last -= 1
+    if last >= MAX_ROUNDS:
+        raise ValueError(f"step {step}: the adaptive loop would walk {last + 1} thresholds (at most {MAX_ROUNDS})")
+    return [threshold - k * step for k in range(last + 1)]  # no accumulated float drift
+
+
+class _Walks:
+    """Every walk of StoryMem's adaptive loop at once, one frame at a time.
+
+    The loop walks the frames at threshold t, then t - step, ... until a walk accepts at most `limit`
+    frames (at a threshold <= 0 it keeps that walk's first `limit`). Walked one after another the
+    thresholds need every frame again; walked side by side (one row per threshold) each frame is
+    seen once, so a shot streamed past is decided from its embeddings alone, and a walk that has
+    accepted more than `limit` frames is out of the running. `needed` names the frames a walk still
+    in the running holds: the only frames whose images the answer can need.
+    """
+
+    def __init__(self, threshold: float, step: float, limit: int):
+        values = _thresholds(threshold, step)
+        self.thresholds = torch.tensor(values, dtype=torch.float32)  # compared as the float32 sims are
+        self.values, self.limit = values, limit
+        self.accepted = torch.full((len(values), limit + 1), -1, dtype=torch.long)
+        self.count = torch.zeros(len(values), dtype=torch.long)
+        self.rows: list[torch.Tensor] = []  # every frame's normalised embedding, in order
+
+    def push(self, embedding: torch.Tensor, passes: bool) -> None:
+        """Frame len(rows): accepted by a walk still accepting if it passes the gate and is the walk's
+        first, or less similar than the walk's threshold to the walk's last accepted frame."""
+        index = len(self.rows)
+        self.rows.append(embedding)
+        walking = self.count <= self.limit  # a walk stops once it has accepted limit + 1
+        if not passes or not walking.any():
+            return
+        accept = walking.clone()
+        compare = walking & (self.count > 0)
+        if compare.any():
+            last = self.accepted[compare, self.count[compare] - 1]
+            unique, inverse = last.unique(return_inverse=True)
+            sims = torch.stack([self.rows[j] for j in unique.tolist()]) @ embedding
+            accept[compare] = sims[inverse] < self.thresholds[compare]
+        rows = accept.nonzero().squeeze(1)
+        self.accepted[rows, self.count[rows]] = index
+        self.count[rows] += 1
+
+    def _answer(self) -> int:
+        open_ = (self.count <= self.limit).nonzero()
+        return int(open_[0]) if len(open_) else len(self.values) - 1
+
+    def needed(self) -> set[int]:
+        in_running = self.count <= self.limit
+        in_running[-1] = True  # the last walk's first `limit` are the answer if every walk overflows
+        held = self.accepted[in_running, : self.limit]
+        return set(held[held >= 0].tolist())
+
+    def decide(self, memory_embeddings: torch.Tensor | None, dedupe_threshold: float) -> _Decision:
+        """The answer's frames, less those more similar than `dedupe_threshold` to a memory keyframe."""
+        k = self._answer()
+        accepted = self.accepted[k, : min(int(self.count[k]), self.limit)].tolist()
+        if memory_embeddings is None or not memory_embeddings.numel() or not accepted:
+            return _Decision(accepted, self.values[k], [])
+        memory = F.normalize(memory_embeddings.float().cpu(), dim=-1)
+        worst = (torch.stack([self.rows[i] for i in accepted]) @ memory.T).max(dim=1).values
+        duplicates = [i for i, s in zip(accepted, worst.tolist()) if s > dedupe_threshold]
+        return _Decision([i for i in accepted if i not in duplicates], self.values[k], duplicates)
 
 
 def _decide(embeddings, passes, memory_embeddings, *, threshold, max_keyframes, step, dedupe_threshold) -> _Decision:
     if len(passes) != embeddings.shape[0]:
         raise ValueError(f"{len(passes)} gate results for {embeddings.shape[0]} frames")
-    if step <= 0:
-        raise ValueError(f"step must be positive, got {step}")
+    walks = _Walks(threshold, step, max(max_keyframes, 0))
     if embeddings.shape[0] == 0 or max_keyframes <= 0:
         return _Decision([], threshold, [])
-    emb = F.normalize(embeddings.float(), dim=-1)
-    similarity = (emb @ emb.T).cpu()
-    rounds = 0
-    while True:
-        current = threshold - rounds * step  # no accumulated float drift
-        accepted = _walk(similarity, passes, current, max_keyframes)
-        if len(accepted) <= max_keyframes:
-            break
-        if current <= 0:  # bounded: keep the first ones rather than loop on
-            accepted = accepted[:max_keyframes]
-            break
-        rounds += 1
-    duplicates: list[int] = []
-    if memory_embeddings is not None and memory_embeddings.numel() and accepted:
-        memory = F.normalize(memory_embeddings.float().to(emb.device), dim=-1)
-        worst = (emb[accepted] @ memory.T).max(dim=1).values.cpu()
-        duplicates = [i for i, s in zip(accepted, worst.tolist()) if s > dedupe_threshold]
-        accepted = [i for i in accepted if i not in duplicates]
-    return _Decision(accepted, current, duplicates)
+    for row, ok in zip(F.normalize(embeddings.float(), dim=-1).cpu(), passes):
+        walks.push(row, bool(ok))
+    return walks.decide(memory_embeddings, dedupe_threshold)
 
 
 def select_keyframes(
@@ -363,17 +286,9 @@ def select_keyframes(
                    step=step, dedupe_threshold=dedupe_threshold).keyframes
 
 
-def candidate_indices(num_frames: int, max_candidates: int = 32) -> list[int]:
-    """Evenly spaced frame indices to score, at most `max_candidates`, always the first and last."""
-    if num_frames <= max_candidates:
-        return list(range(num_frames))
-    return sorted({int(round(v)) for v in np.linspace(0, num_frames - 1, max(2, max_candidates))})
-
-
 @dataclass
 class SelectionStats:
-    frames: int
-    candidates: int
+    frames: int  # every frame of the shot is embedded and walked, as StoryMem does
     selected: int
     duplicates: int
     threshold: float
@@ -382,33 +297,86 @@ class SelectionStats:
     total_s: float
 
 
+class ShotScan:
+    """One shot's keyframe selection, fed its frames in order as they come (`add`), decided at the end
+    (`finish`). Frames are embedded and gated in batches of the selector's `batch_size`, so the
+    float copies CLIP and the gate make stay bounded; the scan keeps every frame's embedding but the
+    image of only those frames some walk still in the running holds (see `_Walks`), so a FIFO shot
+    of any length is scanned while it streams to the encoder, never held whole. Frame indices
+    count the frames added (the published clip's)."""
+
+    def __init__(self, selector: KeyframeSelector):
+        self.selector = selector
+        self._walks = _Walks(selector.threshold, selector.step, max(selector.max_keyframes, 0))
+        self._pending: list[np.ndarray | torch.Tensor] = []
+        self._images: dict[int, torch.Tensor] = {}
+        self.embed_s = self.gate_s = self.seconds = 0.0  # seconds: all time spent in add and finish
+
+    def add(self, frames: np.ndarray | torch.Tensor) -> None:
+        """Frames uint8 [k, H, W, 3], the next ones of the shot."""
+        start = time.perf_counter()
+        self._pending.append(as_frames(frames))
+        if sum(len(p) for p in self._pending) >= self.selector.batch_size:
+            self._flush()
+        self.seconds += time.perf_counter() - start
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        batch = pending[0] if len(pending) == 1 else torch.cat(pending)  # a shot held whole is not copied
+        for at in range(0, len(batch), self.selector.batch_size):
+            self._scan(batch[at:at + self.selector.batch_size])
+
+    def _scan(self, batch: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        embeddings = F.normalize(self.selector.embedder.embed(batch).float(), dim=-1).cpu()
+        t1 = time.perf_counter()
+        passes = self.selector.gate.passes(batch)
+        self.embed_s, self.gate_s = self.embed_s + t1 - t0, self.gate_s + time.perf_counter() - t1
+        first = len(self._walks.rows)
+        for row, ok in zip(embeddings, passes):
+            self._walks.push(row, bool(ok))
+        needed = self._walks.needed()
+        self._images = {i: im for i, im in self._images.items() if i in needed}
+        self._images.update({i: batch[i - first].clone() for i in needed if i >= first})  # not a view of the batch
+
+    def finish(self, memory_embeddings: torch.Tensor | None = None) -> list[tuple[int, np.ndarray, torch.Tensor]]:
+        """The shot's keyframes (frame index, image uint8 [H, W, 3], embedding), in order, after
+        dropping those `memory_embeddings` (the story's memory) already hold."""
+        start = time.perf_counter()
+        self._flush()
+        s = self.selector
+        decision = _Decision([], s.threshold, [])
+        if self._walks.rows and s.max_keyframes > 0:
+            decision = self._walks.decide(memory_embeddings, s.dedupe_threshold)
+        self.seconds += time.perf_counter() - start
+        s.last_stats = SelectionStats(
+            frames=len(self._walks.rows), selected=len(decision.keyframes), duplicates=len(decision.duplicates),
+            threshold=decision.threshold, embed_s=self.embed_s, gate_s=self.gate_s, total_s=self.seconds)
+        return [(i, self._images[i].numpy(), self._walks.rows[i]) for i in decision.keyframes]
+
+
 class KeyframeSelector:
-    """Embedder + gate + rule: picks a shot's keyframes, returning (frame index, embedding) pairs."""
+    """Embedder + gate + rule: picks a shot's keyframes among all its frames (`scan` for a shot fed
+    as it comes, `select` for one held whole)."""
 
     def __init__(self, embedder: FrameEmbedder, gate: AestheticGate | None = None, *, threshold: float = 0.9,
-                 max_keyframes: int = 3, step: float = 0.01, dedupe_threshold: float = 0.9,
-                 max_candidates: int = 32):
+                 max_keyframes: int = 3, step: float = 0.01, dedupe_threshold: float = 0.9, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _thresholds(threshold, step)  # a bad step fails here, not after a shot is rendered
         self.embedder, self.gate = embedder, gate or NoGate()
         self.threshold, self.max_keyframes, self.step = threshold, max_keyframes, step
-        self.dedupe_threshold, self.max_candidates = dedupe_threshold, max_candidates
+        self.dedupe_threshold, self.batch_size = dedupe_threshold, batch_size
         self.last_stats: SelectionStats | None = None
+
+    def scan(self) -> ShotScan:
+        return ShotScan(self)
 
     def select(self, frames: np.ndarray | torch.Tensor,
                memory_embeddings: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
-        start = time.perf_counter()
-        x = _as_frames(frames)
-        candidates = candidate_indices(x.shape[0], self.max_candidates)
-        subset = x[candidates]
-        embeddings = self.embedder.embed(subset) if candidates else torch.empty(0, 0)
-        embedded = time.perf_counter()
-        passes = self.gate.passes(subset) if candidates else []
-        gated = time.perf_counter()
-        decision = _decide(embeddings, passes, memory_embeddings, threshold=self.threshold,
-                           max_keyframes=self.max_keyframes, step=self.step,
-                           dedupe_threshold=self.dedupe_threshold)
-        self.last_stats = SelectionStats(
-            frames=x.shape[0], candidates=len(candidates), selected=len(decision.keyframes),
-            duplicates=len(decision.duplicates), threshold=decision.threshold, embed_s=embedded - start,
-            gate_s=gated - embedded, total_s=time.perf_counter() - start,
-        )
-        return [(candidates[i], embeddings[i]) for i in decision.keyframes]
+        """(frame index, embedding) of the keyframes of a shot held whole, uint8 [T, H, W, 3]."""
+        scan = self.scan()
+        scan.add(frames)
+        return [(i, emb) for i, _, emb in scan.finish(memory_embeddings)]

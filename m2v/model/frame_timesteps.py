@@ -11,12 +11,46 @@ stock diffusers given the same timestep repeated over each frame's tokens (teste
 so weights, LoRA and regional compilation are untouched); `wan_forward` is the model forward for
 timesteps shaped [batch] or [batch, latent frames] (the stock model's own forward still serves the
 per-sample case in M2VExpert, which keeps it comparable with diffusers).
+
+`WanTimesteps` is the timestep sinusoid as Wan computes it, in float64 (DESIGN.md section 4):
+diffusers computes it in float32, which alone puts the forward about 1.5e-5 off Wan's on identical
+weights (tests/unit/test_numerics.py measures the forward against a float64 oracle). It is one row
+per sample (or per frame), so float64 costs nothing; the condition embedder then casts it to its
+time embedder's dtype as before. Installed by class swap, so every path embeds through it: the
+per-sample stock forward, `wan_forward`, the regionally compiled model (only its blocks are
+compiled) and the ONNX export.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.embeddings import Timesteps
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+
+class WanTimesteps(Timesteps):
+    """diffusers' Timesteps with Wan's float64 arithmetic (`sinusoidal_embedding_1d`): the frequencies
+    10000^(-i/half) and the angles t * freq in float64, cos before sin. The result stays float64 so a
+    float64 model keeps full precision; the condition embedder casts it to its own dtype. MPS has no
+    float64, so it computes in float32 there (diffusers' own rule for its rotary tables)."""
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if timesteps.device.type == "mps" else torch.float64
+        half = self.num_channels // 2
+        exponent = torch.arange(half, dtype=dtype, device=timesteps.device) / (half - self.downscale_freq_shift)
+        angles = self.scale * timesteps.to(dtype)[:, None] * torch.pow(10000.0, -exponent)[None, :]
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        pair = [cos, sin] if self.flip_sin_to_cos else [sin, cos]
+        return torch.nn.functional.pad(torch.cat(pair, dim=-1), (0, self.num_channels % 2))
+
+
+def install_wan_timesteps(model) -> None:
+    """Make a WanTransformer3DModel embed timesteps in float64 as Wan does (idempotent)."""
+    proj = model.condition_embedder.timesteps_proj
+    if type(proj) is Timesteps:
+        proj.__class__ = WanTimesteps
+    elif not isinstance(proj, WanTimesteps):
+        raise TypeError(f"unexpected timestep projection type {type(proj).__name__}")
 
 
 def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:

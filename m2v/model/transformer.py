@@ -5,8 +5,9 @@ are the noisy stream (16, covering memory positions too) followed by the conditi
 (4 mask + 16 latent) for I2V-shaped experts (36 in), or the noisy stream alone for T2V experts
 (16 in). Every token shares one timestep (per sample), or each latent frame has its own (FIFO;
 see m2v.frame_timesteps). The rotary time positions come from the caller
-(`memory_time_positions`). The stock diffusers model is used with three seams replaced: its
-rotary module (any time position), its blocks' class (per-frame modulation) and its attention
+(`memory_time_positions`). The stock diffusers model is used with four seams replaced: its
+rotary module (any time position), its blocks' class (per-frame modulation), its timestep
+sinusoid (float64, as Wan computes it: m2v.frame_timesteps) and its attention
 processors (`StoryAttnProcessor`: RMSNorm+RoPE prologue, then `kernels.attention.attend`, so the
 configured backend runs and is recorded). Weights, LoRA and compilation work as for diffusers.
 """
@@ -21,7 +22,7 @@ from diffusers.models.transformers.transformer_wan import _get_added_kv_projecti
 
 from storyfarm.kernels.attention import attend
 from storyfarm.kernels.rope import apply_rotary, prologue_uses_triton, triton_prologue
-from storyfarm.m2v.model.frame_timesteps import install_story_blocks, wan_forward
+from storyfarm.m2v.model.frame_timesteps import install_story_blocks, install_wan_timesteps, wan_forward
 from storyfarm.m2v.model.rope import install_story_rope
 
 
@@ -88,6 +89,7 @@ class M2VExpert:
         self.regions = None  # m2v.compile.CompiledRegions once compiled
         self.rope = install_story_rope(model)
         install_story_blocks(model)
+        install_wan_timesteps(model)
         install_attention(model, attention, rope)
 
     @property

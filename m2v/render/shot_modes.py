@@ -3,8 +3,9 @@
 Why apart from the driver: the driver owns the story (memory, references, manifest); this module
 owns the choice of sampler for one shot and the delivery of its frames. Both paths end the same
 way: the published mp4 written atomically (a FIFO shot frame by frame as the queue pops, so it is
-never held whole) and the keyframe candidates (evenly spaced frames, at most the selector's
-`max_candidates`, collected on the way: bounded whatever the shot's length).
+never held whole) and every published frame fed to the shot's keyframe scan (m2v.memory.keyframes
+`ShotScan`: a FIFO shot's frames as they stream to the encoder, so what it keeps is bounded
+whatever the shot's length: embeddings, and the images of frames that can still be chosen).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from storyfarm.m2v.render.engine import Engine, ShotPlan
 from storyfarm.m2v.render.fifo import FifoSettings
 from storyfarm.m2v.render.fifo_shot import render_fifo_shot
 from storyfarm.m2v.render.observe import ShotFeed
-from storyfarm.m2v.memory.keyframes import candidate_indices
+from storyfarm.m2v.memory.keyframes import ShotScan
 from storyfarm.m2v.accel.placement import experts_of
 from storyfarm.story.format import ShotSpec, Story
 from storyfarm.story.modes import renders_fifo
@@ -34,9 +35,7 @@ CSA_BANK = Path("csa") / "bank.safetensors"
 @dataclass
 class RenderedShot:
     model: str
-    published: int  # frames in the published clip
-    candidates: np.ndarray  # uint8 [k, H, W, 3]: keyframe candidates, in order
-    candidate_index: list[int]  # their frame indices in the published clip
+    published: int  # frames in the published clip (all of them fed to the keyframe scan)
     memory_ids: list[str]
     time_positions: list[int]
     seconds: dict[str, float]
@@ -72,12 +71,12 @@ def edit_start(strength: float, plan: ShotPlan, previous_take: Path) -> tuple[in
 
 
 def render_frames(engine: Engine, plan: ShotPlan, fifo: FifoSettings | None, path: Path, repeated: int,
-                  max_candidates: int, feed: ShotFeed, on_step) -> RenderedShot:
+                  scan: ShotScan, feed: ShotFeed, on_step) -> RenderedShot:
     """Render the shot, publish its mp4 at `path` (dropping the `repeated` leading frames of a
-    continuation), and keep its keyframe candidates. `feed` hears the stages as they begin;
-    `on_step` is the sampler's step callback (the feed's, possibly wrapped by CSA)."""
+    continuation), and feed every published frame to `scan` (frame indices of the published clip).
+    `feed` hears the stages as they begin; `on_step` is the sampler's step callback (the feed's,
+    possibly wrapped by CSA)."""
     published = plan.frames - repeated
-    wanted = candidate_indices(published, max_candidates)
     if fifo is None:
         result = engine.render_shot(plan, on_step=on_step, on_stage=feed.enter)
         frames = result.frames[repeated:]
@@ -85,25 +84,22 @@ def render_frames(engine: Engine, plan: ShotPlan, fifo: FifoSettings | None, pat
         feed.enter("mp4_encode")
         with _timed(seconds, "mp4_encode"):
             video.write_mp4(path, frames, engine.preset.render.fps)
-        return RenderedShot(result.model, len(frames), frames[wanted], wanted, result.memory_ids,
-                            result.time_positions, seconds)
+        feed.enter("keyframes")
+        scan.add(frames)
+        return RenderedShot(result.model, len(frames), result.memory_ids, result.time_positions, seconds)
     result = render_fifo_shot(engine, plan, fifo, on_step, on_stage=feed.enter)
-    kept: list[np.ndarray] = []
-    targets = set(wanted)
 
     def published_frames() -> Iterator[np.ndarray]:
         for n, frame in enumerate(result.frames):
-            if n < repeated:
-                continue
-            if n - repeated in targets:
-                kept.append(frame)
-            yield frame
+            if n >= repeated:
+                scan.add(frame[None])  # embedded in batches as they pass; the frame is not kept
+                yield frame
 
     written = video.write_mp4_stream(path, published_frames(), engine.preset.render.fps)
     if written != published:
         raise RuntimeError(f"FIFO produced {written} frames for a shot of {published}")
-    return RenderedShot(result.model, written, np.stack(kept), wanted, result.memory_ids, result.time_positions,
-                        dict(result.seconds), dict(result.stats))
+    return RenderedShot(result.model, written, result.memory_ids, result.time_positions, dict(result.seconds),
+                        dict(result.stats))
 
 
 @contextlib.contextmanager

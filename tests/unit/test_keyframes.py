@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from storyfarm.m2v.memory import keyframes as kf
 from storyfarm.m2v.memory.keyframes import (
     HPSv3Gate, KeyframeSelector, NoGate, OpenCLIPEmbedder, QualityGate, TransformersCLIPEmbedder,
-    build_tiny_clip_embedder, candidate_indices, make_gate, select_keyframes,
+    build_tiny_clip_embedder, make_gate, select_keyframes,
 )
 
 
@@ -98,12 +98,35 @@ def test_empty_results_are_valid():
         select_keyframes(at_angles(0, 90), [True], None)
 
 
-def test_candidate_indices():
-    assert candidate_indices(5) == [0, 1, 2, 3, 4]
-    picks = candidate_indices(81, 32)
-    assert len(picks) == 32 and picks[0] == 0 and picks[-1] == 80
-    assert picks == sorted(set(picks))
-    assert candidate_indices(0) == []
+def sequential_rule(emb, passes, threshold=0.9, limit=3, step=0.01):
+    """The adaptive loop as StoryMem runs it: one whole walk per threshold, lowered while too many."""
+    sim = F.normalize(emb.float(), dim=-1) @ F.normalize(emb.float(), dim=-1).T
+    rounds = 0
+    while True:
+        current, accepted = threshold - rounds * step, []
+        for i in range(len(passes)):
+            if passes[i] and (not accepted or sim[accepted[-1], i] < current):
+                accepted.append(i)
+                if len(accepted) > limit:
+                    break
+        if len(accepted) <= limit:
+            return accepted
+        if current <= 0:
+            return accepted[:limit]
+        rounds += 1
+
+
+def test_walking_all_thresholds_at_once_is_the_adaptive_loop():
+    """The walks run side by side, frame by frame, decide as the loop that walks again per threshold."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n, dim = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+        drift = torch.randn(n, dim, generator=g).cumsum(0)  # neighbours alike, as in a shot
+        emb = drift + 0.5 * torch.randn(n, dim, generator=g)
+        passes = (torch.rand(n, generator=g) > 0.2).tolist()
+        limit, step = int(torch.randint(1, 5, (1,), generator=g)), [0.01, 0.05, 0.3][trial % 3]
+        assert select_keyframes(emb, passes, None, max_keyframes=limit, step=step) == \
+            sequential_rule(emb, passes, limit=limit, step=step), trial
 
 
 # ---- embedders -------------------------------------------------------------------------------
@@ -308,18 +331,21 @@ class ColourEmbedder:
         return F.normalize(x, dim=-1)
 
 
-def test_selector_maps_candidates_back_to_frame_indices():
-    frames = np.zeros((81, 8, 8, 3), np.uint8)
+def red_then_green(n=81, green=range(45, 81)):
+    frames = np.zeros((n, 8, 8, 3), np.uint8)
     frames[:, :, :, 0] = 200
-    frames[45:, :, :, 0], frames[45:, :, :, 1] = 0, 200  # red until 44, then green
+    frames[list(green), :, :, 0], frames[list(green), :, :, 1] = 0, 200
+    return frames
+
+
+def test_selector_walks_every_frame():
+    frames = red_then_green()  # red until 44, then green
     selector = KeyframeSelector(ColourEmbedder(), NoGate())
     picked = selector.select(frames)
-    candidates = candidate_indices(81)
-    first_green = next(i for i in candidates if i >= 45)
-    assert [i for i, _ in picked] == [0, first_green]
+    assert [i for i, _ in picked] == [0, 45]  # the first green frame itself, not a later sample
     assert torch.allclose(picked[1][1], torch.tensor([0.0, 1.0, 0.0]))
     stats = selector.last_stats
-    assert (stats.frames, stats.candidates, stats.selected) == (81, 32, 2)
+    assert (stats.frames, stats.selected) == (81, 2)
     assert stats.total_s >= stats.embed_s >= 0 and stats.gate_s >= 0
 
     memory = torch.tensor([[0.0, 1.0, 0.0]])  # green already in memory
@@ -334,3 +360,40 @@ def test_selector_with_tiny_clip_and_quality_gate(tiny):
     picked = selector.select(frames)
     assert [i for i, _ in picked] == [3]  # black frames fail the gate; identical frames are not new
     assert picked[0][1].shape == (32,)
+
+
+def test_a_keyframe_between_the_old_samples_is_found():
+    """A character crossing the frame for two frames (11 and 12 of 81): the 32 evenly spaced frames
+    once scored (0, 3, 5, 8, 10, 13, ...) miss it; walking every frame keeps it."""
+    old_samples = {int(round(v)) for v in np.linspace(0, 80, 32)}
+    assert not {11, 12} & old_samples
+    frames = red_then_green(green=[11, 12])
+    picked = KeyframeSelector(ColourEmbedder(), NoGate()).select(frames)
+    assert [i for i, _ in picked] == [0, 11, 13]
+
+
+def test_a_streamed_shot_is_decided_alike_without_being_held(tiny):
+    """Frames fed one at a time (a FIFO shot): the same keyframes and images as the shot held whole,
+    embedded in batches of `batch_size`, and only images that can still be chosen kept."""
+    rng = np.random.default_rng(5)
+    scenes = [rng.integers(0, 256, (1, 24, 40, 3), dtype=np.uint8) for _ in range(4)]
+    frames = np.concatenate([np.repeat(s, 10, 0) for s in scenes])  # four still scenes of 10 frames
+    frames[::3] //= 2  # a flicker, so that near-identical frames still differ
+    selector = KeyframeSelector(tiny, NoGate(), batch_size=4, max_keyframes=3)
+    whole = selector.select(frames, None)
+    embedded, held = [], []
+    real_embed = tiny.embed
+    tiny.embed = lambda x: embedded.append(len(x)) or real_embed(x)
+    try:
+        scan = selector.scan()
+        for frame in frames:
+            scan.add(frame[None])
+            held.append(len(scan._images))
+        picked = scan.finish(None)
+    finally:
+        del tiny.embed
+    assert [i for i, _, _ in picked] == [i for i, _ in whole] and len(picked) >= 2
+    for (i, image, emb), (_, want) in zip(picked, whole):
+        assert np.array_equal(image, frames[i]) and torch.allclose(emb, want, atol=1e-6)
+    assert set(embedded) == {4} and sum(embedded) == len(frames)
+    assert max(held) < len(frames) // 2 and selector.last_stats.frames == len(frames)

@@ -7,6 +7,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from storyfarm.m2v.model.conditioning import build_conditioning, known_frames_mask
+from storyfarm.m2v.model.frame_timesteps import install_wan_timesteps
 from storyfarm.m2v.model.rope import memory_time_positions
 from storyfarm.m2v.render.sampler import SamplerSettings, denoise
 from storyfarm.m2v.model.transformer import M2VExpert
@@ -23,7 +24,10 @@ def tiny_model(seed=0, **over):
 
 
 def test_m0_equals_stock_diffusers():
+    """The rotary, block and attention seams change nothing at M=0; the sinusoid is Wan's float64 one
+    on purpose (tests/unit/test_numerics.py), so the stock model gets it too."""
     stock = tiny_model()
+    install_wan_timesteps(stock)
     expert = M2VExpert(copy.deepcopy(stock), "high_noise")
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 16, 5, 6, 8, generator=g)
