@@ -24,6 +24,7 @@ import yaml
 from storyfarm.daemon.config import LimitsConfig
 from storyfarm.daemon.errors import RpcError, invalid
 from storyfarm.daemon.store_records import ShotIn
+from storyfarm.story.fields import MAX_NAME_CHARS, FieldErrors, read_text
 from storyfarm.story.files import atomic_output
 from storyfarm.story.presets import Preset
 from storyfarm.story.references import ReferenceImageError, open_reference_image
@@ -128,7 +129,20 @@ def _host_paths(story: Story, folder: str, form: str) -> list[tuple[str, str]]:
             if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder)]
 
 
+def _default_name(request: pb.SubmitStoryRequest) -> str:
+    """The name of a story whose text has none: the file's stem the client sent (never the API
+    field the text came in), checked like a name written in a story."""
+    if not request.default_name:
+        return ""
+    errors = FieldErrors()
+    name = read_text(request.default_name, "default_name", errors, limit=MAX_NAME_CHARS, one_line=True)
+    if errors:
+        raise invalid("bad default_name", fields=[(e.path, e.message) for e in errors.items])
+    return name
+
+
 def check_submit(request: pb.SubmitStoryRequest, preset: Preset, limits: LimitsConfig) -> CheckedSubmit:
+    default_name = _default_name(request)
     form = request.WhichOneof("story")
     if form is None:
         raise invalid("no story given", fields=[("story", "set story_json, story_yaml or story_spec")])
@@ -140,10 +154,10 @@ def check_submit(request: pb.SubmitStoryRequest, preset: Preset, limits: LimitsC
         refs = _references(request, limits, Path(tmp))
         fmt = "yaml" if form == "story_yaml" else "json"
         try:
-            story = parse_story(document, source=form, base_dir=tmp, fmt=fmt)
+            story = parse_story(document, source=form, base_dir=tmp, fmt=fmt, name=default_name)
             if story.format == "storymem" and refs and not story.references:
                 document, fmt = _name_storymem_references(document, fmt, list(refs)), "json"
-                story = parse_story(document, source=form, base_dir=tmp, fmt=fmt)
+                story = parse_story(document, source=form, base_dir=tmp, fmt=fmt, name=default_name)
             story = check_against_model(story, preset.model_limits())
         except StoryValidationError as exc:
             raise invalid(f"story refused ({len(exc.errors)} problem(s))",
@@ -167,6 +181,8 @@ def check_submit(request: pb.SubmitStoryRequest, preset: Preset, limits: LimitsC
         raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "story exceeds the render budget", "RENDER_BUDGET_EXCEEDED", fields=over)
     digest = hashlib.sha256()
     digest.update(form.encode() + b"\0" + document.encode("utf-8") + b"\0" + (request.preset or "").encode())
+    if default_name:  # only when sent: the identity of requests without one stays what it was
+        digest.update(b"\0name\0" + default_name.encode("utf-8"))
     for name in sorted(refs):
         digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(refs[name]).digest())
     return CheckedSubmit(story, document, digest.hexdigest(), refs, shots)

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import unicodedata
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 MAX_PROMPT_CHARS = 4000
 MAX_NAME_CHARS = 200
@@ -138,14 +138,18 @@ def child(path: str, key: Any) -> str:
     return f"{path}[{describe(key)}]"
 
 
-def check_keys(mapping: dict, path: str, allowed: tuple[str, ...], errors: FieldErrors) -> None:
-    """Unknown keys are errors (typo protection), with the allowed keys and a likely intended one."""
+def check_keys(mapping: dict, path: str, allowed: tuple[str, ...], errors: FieldErrors,
+               aliases: Mapping[str, str] | None = None) -> None:
+    """Unknown keys are errors (typo protection), with the allowed keys and a likely intended one:
+    a close spelling, or what `aliases` maps the key to (another format's name for the same thing,
+    which spelling alone does not find: `story_name` is `name`)."""
     for key in mapping:
         if key in allowed:
             continue
         hint = ""
         if isinstance(key, str):
-            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
+            meant = (aliases or {}).get(key)
+            close = [meant] if meant in allowed else difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
             hint = f'; did you mean "{close[0]}"?' if close else ""
         errors.add(child(path, key), f"unknown key; allowed: {', '.join(allowed)}{hint}")
 

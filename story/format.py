@@ -15,15 +15,18 @@ Invariants:
   once, at the story-level key;
 - the story seed stays on the Story: the engine derives each shot's seed from it and the shot
   index (copying it onto every shot would repeat the same noise, a flaw of the official code).
+- an unnamed story is named after its file (`lighthouse` for lighthouse.yaml) or by its caller
+  (`name=`); never after where its text came from (an API field, a database row).
 Pure Python (no torch): the daemon and the scheduler import it freely. Field readers and the
-error types live in story_fields, the model-dependent rules in story_checks.
+error types live in fields.py, the model-dependent rules in checks.py, Story and ShotSpec in
+spec.py, StoryMem's JSON (and how it is told apart from the native format) in storymem.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +43,11 @@ from storyfarm.story.fields import (
 from storyfarm.story.modes import (
     MODES, CsaOptions, FifoOptions, LabelledReferences, read_csa, read_fifo, read_labelled_references,
 )
+from storyfarm.story.spec import (
+    MAX_OVERVIEW_CHARS, MAX_SHOTS, ShotSpec, Story, checked_list, first_shot_cut, read_scene_num,
+    read_story_text, too_many_shots,
+)
+from storyfarm.story.storymem import NATIVE_NAMES, is_storymem, prompts_and_shots, read_storymem
 
 __all__ = [
     "FieldError", "StoryValidationError", "ModelLimits", "ShotSpec", "Story", "FifoOptions", "CsaOptions",
@@ -47,72 +55,14 @@ __all__ = [
 ]
 
 MAX_STORY_BYTES = 1 << 20
-MAX_SHOTS = 1000
-MAX_OVERVIEW_CHARS = 10_000
 TRANSITIONS = ("first_frame", "motion_frames")
-# The settings a shot may override; render settings are what ShotSpec.overrides() reports.
-RENDER_SETTINGS = ("negative_prompt", "seed", "frames", "resolution", "steps", "guidance", "shift")
-
-
-@dataclass(frozen=True)
-class ShotSpec:
-    index: int              # 0-based over the whole story
-    scene: int              # StoryMem scene_num, or the scene's scene_num / 1-based position (native)
-    shot: int               # 1-based within its scene
-    path: str               # where it was written: "scenes[1].video_prompts[2]", "shots[3]"
-    prompt: str
-    first_frame_prompt: str | None
-    cut: bool
-    transition: str | None  # cuts: None; continuations: "first_frame" | "motion_frames" | None (engine's)
-    negative_prompt: str | None = None
-    seed: int | None = None
-    frames: int | None = None        # filled from duration by check_against_model
-    duration: float | None = None
-    mode: str = "auto"  # "auto" (fifo when longer than the preset's native length), "m2v", "fifo"
-    fifo: FifoOptions | None = None
-    references: tuple[str, ...] = ()  # absolute paths: memory images added just before this shot
-    reference_labels: tuple[str | None, ...] = ()  # the character or place of each reference, or None
-    resolution: tuple[int, int] | None = None  # (width, height)
-    steps: int | None = None
-    guidance: tuple[float, float] | None = None  # (high_noise, low_noise)
-    shift: float | None = None
-    # (setting, path) for settings written somewhere other than this shot (story-level defaults).
-    inherited_from: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
-
-    def overrides(self) -> dict:
-        """The render settings this shot sets (its own or story-level), without the unset ones."""
-        return {name: getattr(self, name) for name in RENDER_SETTINGS if getattr(self, name) is not None}
-
-    def written_at(self, setting: str) -> str:
-        """The path where this shot's value of `setting` was written."""
-        return dict(self.inherited_from).get(setting, f"{self.path}.{setting}")
-
-
-@dataclass(frozen=True)
-class Story:
-    name: str
-    overview: str
-    format: str                    # "storymem" | "native"
-    source: str                    # file path or "<inline>"
-    seed: int | None
-    references: tuple[str, ...]    # absolute paths: the story's initial memory (MR2V)
-    shots: tuple[ShotSpec, ...]
-    warnings: tuple[str, ...] = ()
-    reference_labels: tuple[str | None, ...] = ()  # the character or place of each reference, or None
-    csa: CsaOptions | None = None  # Consistent Self-Attention for the whole story, when asked for
-
-    def shot_seed(self, shot: ShotSpec, base: int | None = None) -> int:
-        """The seed `shot` renders with: its own, else the base seed (`base`, the command line's,
-        over the story's, else 0) plus its index in the whole story, so seeds never repeat per scene."""
-        if shot.seed is not None:
-            return shot.seed
-        return (base if base is not None else self.seed if self.seed is not None else 0) + shot.index
 
 
 # --- reading text -------------------------------------------------------------------------
 
 def load_story(path: str | os.PathLike) -> Story:
-    """Read a story file; references resolve against its folder. OSError if it cannot be read."""
+    """Read a story file; references resolve against its folder, and an unnamed story is named
+    after the file (its stem). OSError if it cannot be read."""
     path = os.path.abspath(os.fspath(path))
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
@@ -120,14 +70,16 @@ def load_story(path: str | os.PathLike) -> Story:
             raise StoryValidationError([FieldError("", _too_big(size))], path)
         raw = handle.read(MAX_STORY_BYTES + 1)
     fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(Path(path).suffix.lower())
-    return parse_story(raw, source=path, base_dir=os.path.dirname(path), fmt=fmt)
+    return parse_story(raw, source=path, base_dir=os.path.dirname(path), fmt=fmt, name=Path(path).stem)
 
 
 def parse_story(data: str | bytes | dict, *, source: str = "<inline>",
-                base_dir: str | os.PathLike | None = None, fmt: str | None = None) -> Story:
+                base_dir: str | os.PathLike | None = None, fmt: str | None = None, name: str = "") -> Story:
     """Read a story from text (JSON or YAML, sniffed unless `fmt` says) or an already parsed dict.
 
-    Relative reference paths resolve against base_dir (the current directory when None).
+    Relative reference paths resolve against base_dir (the current directory when None). `name`
+    names a story whose text has no name (a file's stem; "" leaves it unnamed): `source` only says
+    where the text came from in messages, so an API field or a database row never names a story.
     """
     if fmt not in (None, "json", "yaml"):
         raise ValueError(f"fmt must be 'json', 'yaml' or None, not {fmt!r}")
@@ -135,7 +87,7 @@ def parse_story(data: str | bytes | dict, *, source: str = "<inline>",
     document = _parse_text(data, fmt, errors) if isinstance(data, (str, bytes, bytearray)) else data
     errors.raise_if_any(source)
     base = os.path.abspath(os.fspath(base_dir)) if base_dir is not None else os.getcwd()
-    story = _read_document(document, source, base, errors)
+    story = _read_document(document, source, name, base, errors)
     errors.raise_if_any(source)
     return story
 
@@ -182,132 +134,20 @@ def _parse_text(data: str | bytes | bytearray, fmt: str | None, errors: FieldErr
 
 # --- reading documents ----------------------------------------------------------------------
 
-def _read_document(document: Any, source: str, base: str, errors: FieldErrors) -> Story | None:
+def _read_document(document: Any, source: str, default_name: str, base: str, errors: FieldErrors) -> Story | None:
     if not isinstance(document, dict):
         errors.add("", "the story is empty" if document is None
                    else f"expected a mapping at the top level, got {describe(document)}")
         return None
-    scenes = document.get("scenes")
-    scenes = scenes if isinstance(scenes, list) else []
-    storymem_at = [i for i, s in enumerate(scenes) if isinstance(s, dict) and "video_prompts" in s]
-    native_at = [i for i, s in enumerate(scenes) if isinstance(s, dict) and "shots" in s]
+    storymem_at, native_at = prompts_and_shots(document)
     if storymem_at and (native_at or "shots" in document):
         where = f"scenes[{native_at[0]}].shots" if native_at else "shots"
         errors.add(where, f"native shots mixed with StoryMem's video_prompts (scenes[{storymem_at[0]}]);"
                           " a story file uses one format")
         return None
-    default_name = "" if source.startswith("<") else Path(source).stem
-    if storymem_at:
-        return _read_storymem(document, source, default_name, base, errors)
+    if is_storymem(document):
+        return read_storymem(document, source, default_name, base, errors)
     return _read_native(document, source, default_name, base, errors)
-
-
-def _read_story_text(document: dict, key: str, errors: FieldErrors, default: str, **rules) -> str:
-    if key not in document:
-        return default
-    return read_text(document[key], key, errors, **rules) or default
-
-
-def _read_scene_num(scene: dict, path: str, position: int, used: dict[int, str],
-                    errors: FieldErrors, required: bool) -> int:
-    if "scene_num" not in scene and required:
-        errors.add(child(path, "scene_num"), "required field is missing")
-    number = position
-    if "scene_num" in scene:
-        number = read_int(scene["scene_num"], child(path, "scene_num"), errors, minimum=1) or position
-        if number in used:
-            errors.add(child(path, "scene_num"), f"{number} is already used by {used[number]}")
-    used.setdefault(number, path)
-    return number
-
-
-def _checked_list(value: Any, path: str, errors: FieldErrors, what: str) -> list | None:
-    if isinstance(value, list) and value:
-        return value
-    errors.add(path, f"expected a non-empty list of {what}, got {describe(value)}")
-    return None
-
-
-def _too_many_shots(count: int, path: str, errors: FieldErrors) -> bool:
-    if count > MAX_SHOTS:
-        errors.add(path, f"the story has {count} shots; the limit is {MAX_SHOTS}")
-    return count > MAX_SHOTS
-
-
-def _first_shot_cut(cut: bool | None, cut_path: str, warnings: list[str]) -> bool | None:
-    if cut is False:
-        warnings.append(f"{cut_path}: the first shot of a story is always a cut; read as cut: true")
-        return True
-    return cut
-
-
-# `references` is storyfarm's addition (the images' names, in memory order): the daemon adds it to a
-# StoryMem story submitted with reference images; StoryMem's own files never have it.
-STORYMEM_STORY_KEYS = ("story_name", "story_overview", "scenes", "references")
-STORYMEM_SCENE_KEYS = ("scene_num", "video_prompts", "first_frame_prompt", "cut")
-
-
-def _read_storymem(document: dict, source: str, default_name: str, base: str, errors: FieldErrors) -> Story:
-    check_keys(document, "", STORYMEM_STORY_KEYS, errors)
-    references = LabelledReferences((), ())
-    if "references" in document:
-        references = read_labelled_references(document["references"], "references", errors, base) or references
-    name = _read_story_text(document, "story_name", errors, default_name, limit=MAX_NAME_CHARS,
-                            one_line=True)
-    overview = _read_story_text(document, "story_overview", errors, "", limit=MAX_OVERVIEW_CHARS,
-                                allow_empty=True)
-    scenes = document["scenes"]
-    count = sum(len(s["video_prompts"]) for s in scenes
-                if isinstance(s, dict) and isinstance(s.get("video_prompts"), list))
-    if _too_many_shots(count, "scenes", errors):
-        return None
-    shots: list[ShotSpec] = []
-    warnings: list[str] = []
-    used: dict[int, str] = {}
-    for s, scene in enumerate(scenes):
-        path = f"scenes[{s}]"
-        if not isinstance(scene, dict):
-            errors.add(path, f"expected a mapping with video_prompts, got {describe(scene)}")
-            continue
-        check_keys(scene, path, STORYMEM_SCENE_KEYS, errors)
-        scene_num = _read_scene_num(scene, path, s + 1, used, errors, required=True)
-        prompts = _checked_list(scene.get("video_prompts"), f"{path}.video_prompts", errors, "prompts")
-        if prompts is None:
-            continue
-        cuts = _parallel_list(scene, "cut", path, len(prompts), errors, required=True)
-        first_frames = _parallel_list(scene, "first_frame_prompt", path, len(prompts), errors, required=False)
-        for i, raw_prompt in enumerate(prompts):
-            prompt = read_text(raw_prompt, f"{path}.video_prompts[{i}]", errors)
-            cut = read_bool(cuts[i], f"{path}.cut[{i}]", errors) if cuts else None
-            if not shots:
-                cut = _first_shot_cut(cut, f"{path}.cut[{i}]", warnings)
-            first_frame = None
-            if first_frames:
-                first_frame = read_text(first_frames[i], f"{path}.first_frame_prompt[{i}]", errors,
-                                        allow_empty=True) or None
-            shots.append(ShotSpec(index=len(shots), scene=scene_num, shot=i + 1,
-                                  path=f"{path}.video_prompts[{i}]", prompt=prompt,
-                                  first_frame_prompt=first_frame, cut=bool(cut), transition=None))
-    return Story(name=name, overview=overview, format="storymem", source=source, seed=None,
-                 references=references.paths, reference_labels=references.labels, shots=tuple(shots),
-                 warnings=tuple(warnings))
-
-
-def _parallel_list(scene: dict, key: str, path: str, length: int, errors: FieldErrors,
-                   required: bool) -> list | None:
-    """A StoryMem per-shot list (cut, first_frame_prompt): one entry per video prompt."""
-    if key not in scene:
-        if required:
-            errors.add(f"{path}.{key}", "required field is missing")
-        return None
-    value = scene[key]
-    if not isinstance(value, list):
-        errors.add(f"{path}.{key}", f"expected a list, got {describe(value)}")
-        return None
-    if len(value) != length:
-        errors.add(f"{path}.{key}", f"has {len(value)} entries; video_prompts has {length}")
-        return None
-    return value
 
 
 # Native settings: key -> reader(value, path, errors, base_dir). Shared by the story level
@@ -346,9 +186,9 @@ def _read_settings(mapping: dict, path: str, base: str, errors: FieldErrors) -> 
 
 
 def _read_native(document: dict, source: str, default_name: str, base: str, errors: FieldErrors) -> Story:
-    check_keys(document, "", NATIVE_STORY_KEYS, errors)
-    name = _read_story_text(document, "name", errors, default_name, limit=MAX_NAME_CHARS, one_line=True)
-    overview = _read_story_text(document, "overview", errors, "", limit=MAX_OVERVIEW_CHARS, allow_empty=True)
+    check_keys(document, "", NATIVE_STORY_KEYS, errors, aliases=NATIVE_NAMES)
+    name = read_story_text(document, "name", errors, default_name, limit=MAX_NAME_CHARS, one_line=True)
+    overview = read_story_text(document, "overview", errors, "", limit=MAX_OVERVIEW_CHARS, allow_empty=True)
     story_settings = _read_settings(document, "", base, errors)
     seed = story_settings.pop("seed", (None, ""))[0]
     references = story_settings.pop("references", (LabelledReferences((), ()), ""))[0]
@@ -361,7 +201,7 @@ def _read_native(document: dict, source: str, default_name: str, base: str, erro
         scenes.append((1, "shots", document["shots"]))
     elif "scenes" in document:
         used: dict[int, str] = {}
-        for s, scene in enumerate(_checked_list(document["scenes"], "scenes", errors, "scenes") or ()):
+        for s, scene in enumerate(checked_list(document["scenes"], "scenes", errors, "scenes") or ()):
             path = f"scenes[{s}]"
             if not isinstance(scene, dict):
                 errors.add(path, f"expected a mapping with shots, got {describe(scene)}")
@@ -369,14 +209,14 @@ def _read_native(document: dict, source: str, default_name: str, base: str, erro
             check_keys(scene, path, NATIVE_SCENE_KEYS, errors)
             if "name" in scene:
                 read_text(scene["name"], f"{path}.name", errors, limit=MAX_NAME_CHARS, one_line=True)
-            scene_num = _read_scene_num(scene, path, s + 1, used, errors, required=False)
+            scene_num = read_scene_num(scene, path, s + 1, used, errors, required=False)
             scenes.append((scene_num, f"{path}.shots", scene.get("shots")))
     else:
         errors.add("shots", "required field is missing (a story needs shots, or scenes with shots)")
 
-    shot_lists = [(num, path, _checked_list(raw, path, errors, "shots") or []) for num, path, raw in scenes]
+    shot_lists = [(num, path, checked_list(raw, path, errors, "shots") or []) for num, path, raw in scenes]
     count = sum(len(shots) for _, _, shots in shot_lists)
-    if _too_many_shots(count, "shots" if "shots" in document else "scenes", errors):
+    if too_many_shots(count, "shots" if "shots" in document else "scenes", errors):
         return None
     shots: list[ShotSpec] = []
     warnings: list[str] = []
@@ -418,7 +258,7 @@ def _read_native_shot(raw: Any, path: str, story_settings: dict[str, tuple[Any, 
         errors.add(f"{path}.transition",
                    "the first shot of a story is a cut: there is no shot before it to continue")
     elif index == 0:
-        cut = _first_shot_cut(cut, f"{path}.cut", warnings)
+        cut = first_shot_cut(cut, f"{path}.cut", warnings)
 
     own = _read_settings(raw, path, base, errors)
     inherited = {key: value for key, value in story_settings.items()

@@ -68,7 +68,6 @@ class KeyframeSettings(_Strict):
     dedupe_threshold: float = Field(0.9, gt=0, le=1)
     gate: Literal["hpsv3", "quality", "off"] = "quality"
     gate_threshold: float | None = None  # None: the gate's own default
-    candidates: int = Field(81, ge=2)  # frames walked per shot (StoryMem walks all 81)
 
 
 class LimitSettings(_Strict):

@@ -16,9 +16,7 @@ snapshot of its shot, replacing only its own keyframes.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from storyfarm.m2v import video
 from storyfarm.m2v.render.engine import Engine, ShotPlan
+from storyfarm.m2v.render.folder import earlier_render, prepare_output, record_shots, render_identity
 from storyfarm.m2v.render.observe import RenderObserver, ShotFeed
 from storyfarm.story.files import atomic_output, sha256_file, write_json
 from storyfarm.m2v.memory.keyframes import KeyframeSelector
@@ -39,7 +38,6 @@ from storyfarm.story.format import ShotSpec, Story, check_against_model
 from storyfarm.story.modes import ShotEdit, read_edit
 
 MANIFEST_VERSION = 1
-OWNED = ("shots", "keyframes", "csa", "story.mp4", "contact_sheet.png", "manifest.json")
 
 
 @dataclass
@@ -50,29 +48,6 @@ class RenderSettings:
     steps: int | None = None
     frames: int | None = None
     resolution: tuple[int, int] | None = None
-
-
-def check_output(out_dir: str | os.PathLike) -> None:
-    """Refuse, before any work, a folder that is neither new, empty, nor an earlier render."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise FileExistsError(f"--out {out}: folder is not empty and holds no storyfarm manifest; choose an empty folder")
-
-
-def prepare_output(out_dir: Path) -> None:
-    """Make `out_dir` ready: new or empty, or an earlier storyfarm render (its files are replaced)."""
-    check_output(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in OWNED:
-        p = out_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    (out_dir / "shots").mkdir()
-    (out_dir / "keyframes").mkdir()
 
 
 class StoryRenderer:
@@ -88,7 +63,6 @@ class StoryRenderer:
             max_keyframes=k.max_per_shot,
             step=k.step,
             dedupe_threshold=k.dedupe_threshold,
-            max_candidates=k.candidates,
         )
 
     def _add_references(self, bank: MemoryBank, paths, labels, field: str, for_shot: int | None) -> None:
@@ -187,21 +161,20 @@ class StoryRenderer:
         # conditioned on; as in StoryMem, they are dropped so joins neither repeat nor stutter
         # (and keyframe selection cannot pick a copy of the previous shot).
         repeated = 0 if plan.known_frames is None else len(plan.known_frames)
+        scan = self.selector.scan()  # sees every published frame (a FIFO shot's as it streams)
         with csa_for_shot(self.engine, story, shot, plan, out, fifo) as (csa, step_hook):
-            rendered = render_frames(self.engine, plan, fifo, out / name, repeated,
-                                     self.selector.max_candidates, feed, step_hook(feed.step))
+            rendered = render_frames(self.engine, plan, fifo, out / name, repeated, scan, feed, step_hook(feed.step))
         fresh = {k: v for k, v in self.engine.export_memory_latents(plan).items() if k not in persisted}
         if fresh:  # the story's memory keeps its latents too: a restarted worker does not re-encode
             with atomic_output(latent_file) as tmp:
                 save_file({**persisted, **fresh}, str(tmp))
         seconds = dict(rendered.seconds)
         feed.enter("keyframes")
+        picked = scan.finish(bank.embeddings(bank.before(shot.index)))
         t0 = time.perf_counter()
-        picked = self.selector.select(rendered.candidates, bank.embeddings(bank.before(shot.index)))
         # frame indices in the manifest and keyframe ids count frames of the published clip
-        new = bank.add_shot_keyframes(
-            shot.index, [(rendered.candidate_index[i], rendered.candidates[i], emb) for i, emb in picked])
-        seconds["keyframes"] = time.perf_counter() - t0
+        new = bank.add_shot_keyframes(shot.index, picked)
+        seconds["keyframes"] = scan.seconds + time.perf_counter() - t0  # a FIFO shot's scan ran as it streamed
         entry = {
             "index": shot.index,
             "scene": shot.scene,
@@ -274,17 +247,20 @@ class StoryRenderer:
         observer: RenderObserver | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> dict:
-        """The whole story, shot after shot, into `out_dir` (new, empty or an earlier render)."""
+        """The whole story, shot after shot, into `out_dir` (new, empty or an earlier render); an
+        interrupted render of the same story, preset and settings there is resumed after its last
+        published shot (see m2v.render.folder). `observer` hears of the shots rendered now."""
         observer = observer or RenderObserver()
         story = check_against_model(story, self.preset.model_limits())
         out = Path(out_dir)
-        prepare_output(out)
+        identity = render_identity(story, self.preset, self.settings)
+        entries = prepare_output(out, identity)
         started = time.perf_counter()
-        observer.story_start(story, len(story.shots))
-        entries = []
+        observer.story_start(story, len(story.shots) - len(entries))
         try:
-            for shot in story.shots:
+            for shot in story.shots[len(entries):]:
                 entries.append(self.render_shot(story, shot, out, observer, cancel=cancel))
+                record_shots(out, identity, entries)  # published: a resumed render starts after it
                 observer.shot_done(shot, entries[-1])
         finally:
             self.engine.latent_pool.release(f"story:{out.resolve()}")
@@ -307,15 +283,7 @@ class StoryRenderer:
         when a cascade renders it again."""
         story = check_against_model(story, self.preset.model_limits())
         out = Path(out_dir)
-        try:
-            previous = json.loads((out / "manifest.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"--out {out}: no manifest of an earlier render to re-render a shot of ({exc})") from None
-        entries = {e["index"]: e for e in previous.get("shots", [])}
-        if sorted(entries) != list(range(len(story.shots))):
-            raise ValueError(f"--out {out}: its manifest has shots {sorted(entries)}, the story has {len(story.shots)}")
-        if not 0 <= index < len(story.shots):
-            raise ValueError(f"shot index {index}: the story has shots 0 to {len(story.shots) - 1}")
+        entries = earlier_render(out, story, index)
         edit = read_edit(edit)
         observer = observer or RenderObserver()
         started = time.perf_counter()

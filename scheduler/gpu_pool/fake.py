@@ -123,9 +123,12 @@ class FakeWorker:
     # -- one shot ------------------------------------------------------------------------------
     def _render(self, task: ShotTask, cancel) -> Done | Failed:
         started = time.perf_counter()
-        story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
+        story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir,
+                            name=task.story_name)
         shot = story.shots[task.shot_index]
         prompt = (task.edit or {}).get("prompt") or shot.prompt
+        seed = (task.edit or {}).get("seed")
+        seed = story.shot_seed(shot) if seed is None else seed  # a re-render's seed, as the driver takes it
         rules = script(os.environ.get(SCRIPT_ENV, ""), prompt)
         attempt = self._count_attempt(task)
         fault = next((kind for kind, times in rules["faults"].items() if times is None or attempt <= times), None)
@@ -144,7 +147,7 @@ class FakeWorker:
                 if failed is not None:
                     return failed
             elif stage == "mp4_encode":
-                clip = {"story": story.name, "index": shot.index, "prompt": prompt, "seed": story.shot_seed(shot),
+                clip = {"story": story.name, "index": shot.index, "prompt": prompt, "seed": seed,
                         "frames": frames, "size": [width, height], "steps": steps}
                 with atomic_output(out / name) as tmp:
                     tmp.write_bytes(b"storyfarm fake clip\n" + json.dumps(clip, sort_keys=True).encode())
@@ -152,7 +155,7 @@ class FakeWorker:
         # one keyframe per earlier shot, the latest that fit the preset's memory window
         window = self.preset.memory.max_size
         memory = [f"fake-{j:03d}" for j in range(max(0, shot.index - window), shot.index)]
-        entry = {"index": shot.index, "scene": shot.scene, "shot": shot.shot, "prompt": prompt, "seed": story.shot_seed(shot),
+        entry = {"index": shot.index, "scene": shot.scene, "shot": shot.shot, "prompt": prompt, "seed": seed,
                  "cut": shot.cut, "model": "fake", "mode": "fake", "file": name, "sha256": sha256_file(out / name),
                  "frames": frames, "rendered_frames": frames, "width": width, "height": height, "fps": render.fps,
                  "steps": steps, "memory_keyframes": memory, "new_keyframes": [f"fake-{shot.index:03d}"],

@@ -177,7 +177,8 @@ def _shot_facts(task) -> dict:
     """What rules match on: the shot's prompt, the story's name, the shot's index."""
     from storyfarm.story.format import parse_story
 
-    story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
+    story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir,
+                        name=task.story_name)
     return {"prompt": story.shots[task.shot_index].prompt, "story_name": story.name, "shot_index": task.shot_index}
 
 

@@ -25,6 +25,7 @@ class ShotTask:
     entries: tuple = ()  # manifest entries of the shots before, for the story assembly
     edit: dict | None = None  # a re-render: {"prompt": ..., "strength": ...} overriding the story's shot
     low_memory: bool = False  # retry after an out-of-memory: VAE tiling, offload
+    story_name: str = ""  # the store's name of the story (its file's stem when its text names none)
 
 
 @dataclass(frozen=True)

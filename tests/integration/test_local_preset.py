@@ -189,3 +189,16 @@ def test_both_placement_is_refused_before_loading_when_the_experts_cannot_fit(mo
     monkeypatch.setattr(components, "_local_components", lambda preset, device, dtype, expert_device: expert_device)
     assert components.load_components(preset, "cuda:0", "both") == "cuda:0"
     assert components.load_components(preset, "cuda:0", "swap") == "cpu"  # swap: experts load into CPU memory
+
+
+def test_a_shot_rerender_refuses_a_folder_without_a_render_before_reading_weights(tmp_path, repo):
+    """`render --shot` checks --out (an earlier render's manifest) before the preset's weights load:
+    with real weights that is minutes; here the weights do not even exist."""
+    preset = write_preset(tmp_path / "missing.yaml", str(tmp_path / "no-such-weights"))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run([CLI, "render", str(repo / "configs/stories/minimal.yaml"), "--preset", str(preset),
+                          "--out", str(out), "--shot", "0", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stdout + res.stderr
+    said = " ".join(res.stdout.split())
+    assert "no manifest" in said and "loading preset" not in said, said

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +189,96 @@ def test_bad_reference_image_is_refused_with_its_field(tmp_path):
     res = run_cli("render", story, "--out", out, "--frames", "9", "--resolution", "64x32", "--steps", "2", "--quiet")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "shots[1].references[0]" in res.stdout
+
+
+# --- an interrupted render, and checks made before any model loads (issue 14) -------------------
+
+SMALL = ("--seed", "5", "--frames", "9", "--resolution", "64x32", "--steps", "2")
+
+
+def published(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `out` with its (inode, mtime_ns): what a refused command must leave alone."""
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_render_resumes_from_its_last_published_shot(tmp_path, repo, tiny_engine):
+    from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
+    from storyfarm.m2v.render.observe import Cancelled, RenderObserver
+    from storyfarm.story.format import check_against_model, load_story
+
+    story_file = repo / "configs/stories/minimal.yaml"
+    full = tmp_path / "full"  # the same command, never interrupted
+    res = run_cli("render", story_file, "--out", full, *SMALL, "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    # the render stops (a cancel, as a Ctrl-C would) as soon as its first shot is published
+    out, done = tmp_path / "out", []
+
+    class Done(RenderObserver):
+        def shot_done(self, shot, entry):
+            done.append(entry)
+
+    renderer = StoryRenderer(tiny_engine, RenderSettings(seed=5, steps=2, frames=9, resolution=(64, 32)))
+    story = check_against_model(load_story(story_file), tiny_engine.preset.model_limits())
+    with pytest.raises(Cancelled):
+        renderer.render(story, out, Done(), cancel=lambda: len(done) >= 1)
+    assert not (out / "manifest.json").exists() and len(list((out / "shots").glob("*.mp4"))) == 1
+    before = published(out)
+
+    # another story, preset or options: refused before any model loads, naming --out and the difference
+    other = tmp_path / "other.yaml"
+    other.write_text("shots:\n  - prompt: a different story\n")
+    for args, differs in (((story_file, "--out", out, "--seed", "6", *SMALL[2:]), "--seed 5"),
+                          ((other, "--out", out, *SMALL), "another story")):
+        res = run_cli("render", *args, "--quiet")
+        assert res.returncode == 2, res.stdout + res.stderr
+        said = " ".join(res.stdout.split())
+        assert f"--out {out}" in said and differs in said and "loading preset" not in said, said
+        assert published(out) == before
+
+    # the same command resumes: the published shot is kept as it is, the story ends as if never stopped
+    res = run_cli("render", story_file, "--out", out, *SMALL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming" in res.stdout
+    first = done[0]["file"]
+    assert published(out)[first] == before[first]
+    manifest = check_render(out, 3, 9, (64, 32))
+    reference = json.loads((full / "manifest.json").read_text())
+    assert [s["sha256"] for s in manifest["shots"]] == [s["sha256"] for s in reference["shots"]]
+    assert [k["id"] for k in manifest["keyframes"]] == [k["id"] for k in reference["keyframes"]]
+    assert manifest["story"]["name"] == "minimal"  # an unnamed story is named after its file
+
+
+def test_ctrl_c_then_the_same_command_resumes(tmp_path, repo):
+    out = tmp_path / "out"
+    command = [CLI, "render", str(repo / "configs/stories/lighthouse.yaml"), "--out", str(out), *SMALL[2:], "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    marker = out / "render.json"
+    deadline = time.monotonic() + 600
+    while not (marker.is_file() and json.loads(marker.read_text())["shots"]):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no shot published in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C once the first shot is published
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert not (out / "manifest.json").exists()
+    res = run_cli(*command[1:])
+    assert res.returncode == 0, res.stdout + res.stderr
+    check_render(out, 6, 9, (64, 32))
+
+
+def test_a_shot_rerender_checks_the_folder_before_loading_the_model(tmp_path, repo):
+    story = repo / "configs/stories/minimal.yaml"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_cli("render", story, "--out", empty, "--shot", "0", "--quiet")
+    assert res.returncode == 2, res.stdout + res.stderr
+    said = " ".join(res.stdout.split())
+    assert "no manifest" in said and "loading preset" not in said, said
+    out = tmp_path / "out"
+    assert run_cli("render", story, "--out", out, *SMALL, "--quiet").returncode == 0
+    res = run_cli("render", story, "--out", out, *SMALL, "--shot", "3", "--quiet")
+    said = " ".join(res.stdout.split())
+    assert res.returncode == 2 and "--shot 3: the story has shots 0 to 2" in said and "loading preset" not in said, said

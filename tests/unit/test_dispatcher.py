@@ -54,9 +54,9 @@ class Farm:
         self.dispatcher = Dispatcher(self.store, executor, self.artifacts, self.hub, poll_s=0.01)
         executor.start()
 
-    def submit(self, text: str) -> str:
-        checked = check_submit(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=text),
-                               load_preset("tiny"), LimitsConfig())
+    def submit(self, text: str, default_name: str = "") -> str:
+        checked = check_submit(pb.SubmitStoryRequest(request_id=uuid.uuid4().hex, story_json=text,
+                                                     default_name=default_name), load_preset("tiny"), LimitsConfig())
         store_references(checked, self.data)
         return self.store.submit_story(uuid.uuid4().hex, "default", checked.payload_sha256, checked.story.name,
                                        checked.document, checked.shots).story_id
@@ -132,6 +132,18 @@ def test_a_story_succeeds_with_every_artifact_recorded_under_its_real_hash(make_
     stages = list(dict.fromkeys(stage for stage, _ in last))
     assert stages == list(RENDER_STAGES)  # every stage once, in order; the last shot assembles the story
     assert [step for stage, step in last if stage == "denoise"] == [0, 1, 2, 3]
+
+
+def test_the_workers_manifest_names_an_unnamed_story_as_the_store_does(make_farm):
+    """A story without a name of its own is called after its file (the client's default_name)
+    everywhere: in the store and in the manifest its worker writes (not "story st_...")."""
+    farm = make_farm()
+    unnamed = json.dumps({"resolution": "64x32", "frames": 9, "steps": 2, "shots": [{"prompt": "a"}, {"prompt": "b"}]})
+    story_id = farm.submit(unnamed, default_name="harbour")
+    (record,) = farm.finish(story_id)
+    assert record.state == "succeeded" and record.name == "harbour"
+    manifest = next(a for a in record.artifacts if a.name == "manifest.json")
+    assert json.loads((farm.data / manifest.path).read_text())["story"]["name"] == "harbour"
 
 
 def test_content_failures_spend_the_retry_budget_then_fail_the_story(make_farm):
