@@ -20,8 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from storyfarm.daemon.cli_client import add_commands as add_client_commands
+from storyfarm.daemon.cli_ops import add_ops_parser
 from storyfarm.daemon.cli_serve import add_serve_parser
 from storyfarm.daemon.cli_sim import add_simulate_parser
+from storyfarm.daemon.cli_token import add_token_parser
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="render one story here, without the daemon")
     render.add_argument("story", help="story file: StoryMem JSON or storyfarm YAML/JSON")
     render.add_argument("--preset", default="tiny", help="model preset name or YAML path (default: tiny)")
-    render.add_argument("--out", required=True, help="output folder (new, empty, or an earlier render)")
+    render.add_argument("--out", required=True, help="output folder (new, empty, an earlier render, or an interrupted one to resume)")
     render.add_argument("--seed", type=int, help="story seed (shot i uses seed + i unless the shot sets its own)")
     render.add_argument("--steps", type=int, help="denoising steps for shots that do not set them")
     render.add_argument("--frames", type=int, help="frames per shot (4n+1) for shots that do not set them")
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list packaged model presets")
     add_serve_parser(sub)  # the daemon itself (cli_serve.py)
     add_simulate_parser(sub)  # the scheduler on a virtual clock (cli_sim.py)
+    add_token_parser(sub)  # bearer tokens and their auth.tokens entries (cli_token.py)
+    add_ops_parser(sub)  # the ops/ files for this site: alert rules with its runbook URL (cli_ops.py)
     add_client_commands(sub)  # submit, watch, ls, get, ... against a running daemon (cli_client.py)
     return parser
 
@@ -152,21 +156,27 @@ def cmd_render(args, console: Console) -> int:
         return EXIT_BAD_INPUT
     story, preset = loaded
 
-    from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer, check_output
+    from storyfarm.m2v.render.driver import RenderSettings, StoryRenderer
+    from storyfarm.m2v.render.folder import check_output, earlier_render, render_identity
     from storyfarm.m2v.render.observe import Cancelled
     from storyfarm.story.modes import read_edit
 
-    edit = None
+    # Everything about --out is checked here, before the model loads (minutes with real weights).
+    settings = RenderSettings(seed=args.seed, steps=args.steps, frames=args.frames, resolution=args.resolution)
+    edit, resumed = None, []
     try:
-        check_output(args.out)
         if args.shot is None and (args.prompt or args.strength is not None or args.shot_seed is not None or args.cascade):
             raise ValueError("--prompt, --strength, --shot-seed and --cascade re-render one shot: give --shot INDEX")
         if args.shot is not None:
             edit = read_edit({"prompt": args.prompt, "strength": args.strength, "seed": args.shot_seed}, path="")
-            if not 0 <= args.shot < len(story.shots):
-                raise ValueError(f"--shot {args.shot}: the story has shots 0 to {len(story.shots) - 1}")
-    except (FileExistsError, ValueError) as exc:
+            earlier_render(args.out, story, args.shot)  # the render whose shot is taken again, and the index
+        else:
+            resumed = check_output(args.out, render_identity(story, preset, settings))
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         return _bad_input(console, exc)
+    if resumed:
+        console.print(f"resuming the interrupted render in {args.out}: shots 1 to {len(resumed)} of "
+                      f"{len(story.shots)} are published and kept")
 
     import torch
 
@@ -177,7 +187,6 @@ def cmd_render(args, console: Console) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = RenderSettings(seed=args.seed, steps=args.steps, frames=args.frames, resolution=args.resolution)
     t0 = time.perf_counter()
     console.log(f"loading preset {preset.name} on {args.device}")
     engine = Engine(preset, device=args.device)
@@ -199,7 +208,8 @@ def cmd_render(args, console: Console) -> int:
     except (StoryValidationError, ReferenceImageError, FileExistsError, FileNotFoundError, ValueError) as exc:
         return _bad_input(console, exc)
     except (KeyboardInterrupt, Cancelled):
-        console.print("interrupted: shots finished so far are in the output folder; manifest.json was not written")
+        again = "run the same command again to resume" if args.shot is None else "manifest.json was not written"
+        console.print(f"interrupted: shots finished so far are in {args.out}; {again}")
         return EXIT_INTERRUPTED
     console.print(
         f"done: {len(manifest['shots'])} shots in {manifest['seconds_total']:.1f}s -> {args.out}/story.mp4 "

@@ -1,7 +1,8 @@
 """The `storyfarm` commands that talk to a running daemon, registered into cli.py's parser.
 
 submit, watch, ls, get, cancel, pause, resume, priority, retry-shot, rerender, download, pool and drain each
-parse their arguments, make one or two StoryfarmClient calls (client.py) and print. Every one
+parse their arguments, make one or two StoryfarmClient calls (client.py) and print; download lives
+in cli_download.py (it decides about the files already in its folder). Every one
 takes --server (else STORYFARM_SERVER, else 127.0.0.1:50051) and --token / --token-file (else
 STORYFARM_TOKEN), and --tls-ca / --tls-cert / --tls-key for a TLS daemon.
 
@@ -28,14 +29,17 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from storyfarm.story.lifecycle import FINAL_STATES, STORY_STATES
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# 4, not allowed: no credentials or role for it, or not in the story's current state (pause or
+# retry-shot on a finished story, resume while a cancelled shot is still stopping).
 EXIT_BY_CODE = {"INVALID_ARGUMENT": EXIT_BAD_INPUT, "ALREADY_EXISTS": EXIT_BAD_INPUT, "OUT_OF_RANGE": EXIT_BAD_INPUT,
-                "NOT_FOUND": EXIT_NOT_FOUND, "UNAUTHENTICATED": EXIT_DENIED, "PERMISSION_DENIED": EXIT_DENIED}
+                "NOT_FOUND": EXIT_NOT_FOUND, "UNAUTHENTICATED": EXIT_DENIED, "PERMISSION_DENIED": EXIT_DENIED,
+                "FAILED_PRECONDITION": EXIT_DENIED}
 
 
 # --- plumbing ----------------------------------------------------------------------------------
@@ -74,9 +78,7 @@ def _connect(args):
 
 def _report(exc, server: str) -> int:
     err = _stderr()
-    say(err, f"error: {exc}")
-    for field, description in exc.field_violations:
-        say(err, f"  {field}: {description}")
+    say(err, f"error: {exc}")  # the field violations are part of the error's text
     if exc.code.name == "UNAVAILABLE":
         say(err, f"  (is the daemon running at {server}? retried before giving up)")
     elif exc.retry_after is not None:
@@ -278,6 +280,8 @@ def _print_story(story: dict[str, Any], console: Console) -> None:
                  f"[{story['state']}]  {story['succeeded_shot_count']}/{story['shot_count']} shots  {_eta(story['eta'])}")
     if story["error"]:
         say(console, f"error: {story['error']}")
+    if story.get("waiting_reason"):
+        say(console, f"waiting: {story['waiting_reason']}")
     if story["shots"]:
         table = _table("SHOT", "SCENE", "STATE", "ATTEMPTS", "WORKER", "PROGRESS / ERROR")
         for shot in story["shots"]:
@@ -308,34 +312,19 @@ def _story_control(call: Callable[[Any, argparse.Namespace], dict]) -> Callable:
         if args.json:
             print_json(story)
         else:
-            say(console, f"{story['story_id']}: {story['state']}")
+            extra = f", priority {story['priority']}" if args.command == "priority" else ""
+            extra += f": {story['error']}" if story.get("error") and story["state"] in ("cancelled", "failed") else ""
+            say(console, f"{story['story_id']}: {story['state']}{extra}")
         return EXIT_OK
     return body
-
-
-def cmd_download(client, args, console: Console) -> int:
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=console if not args.json else Console(quiet=True)) as bars:
-        tasks: dict[str, int] = {}
-
-        def show(name: str, got: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bars.add_task(name, total=total)
-            bars.update(tasks[name], completed=got, total=total)
-        files = client.download_all(args.story_id, args.out, names=args.name, on_progress=show)
-    if args.json:
-        print_json(files)
-    else:
-        for f in files:
-            say(console, f"{f['path']}  {f['size']} bytes  sha256 {f['sha256'][:16]}")
-    return EXIT_OK
 
 
 def _print_pool(pool: dict[str, Any], console: Console) -> None:
     table = _table("WORKER", "STATE", "DEVICES", "SHOT", "PROGRESS", "RESIDENT", "MEMORY")
     for w in pool["workers"]:
         shot = f"{w['current_shot']['story_id'] or '?'}#{w['current_shot']['shot_index']}" if w["current_shot"] else ""
-        progress = f"{w['progress']['stage']} {w['progress']['step']}/{w['progress']['total_steps']}" if w["progress"] else ""
+        progress = (f"{w['progress']['stage']} {w['progress']['step']}/{w['progress']['total_steps']} "
+                    f"{_eta(w['progress'].get('eta'))}".strip() if w["progress"] else "")
         memory = f"{w['memory_used_bytes'] / 2**30:.1f}/{w['memory_total_bytes'] / 2**30:.1f} GiB" if w["memory_total_bytes"] else ""
         table.add_row(w["worker_id"], w["state"] + (f" ({w['error']})" if w["error"] else ""), ",".join(w["devices"]),
                       shot, progress, str(w["resident_story_count"]), memory)
@@ -363,8 +352,9 @@ def cmd_drain(client, args, console: Console) -> int:
     except StoryfarmError as exc:
         if not (args.wait and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED):
             raise
+        again = "storyfarm drain --wait" + "".join(f" --worker {w}" for w in args.worker or ())
         say(_stderr(), f"the drain is in effect, but shots were still running after --timeout {args.timeout:g} s "
-                       "(`storyfarm pool` shows them; run `storyfarm drain --wait` again to keep waiting)")
+                       f"(`storyfarm pool` shows them; run `{again}` again to keep waiting)")
         return EXIT_FAILED
     if args.json:
         print_json(reply)
@@ -427,7 +417,8 @@ def add_commands(sub) -> None:
     p = add("cancel", _story_control(lambda c, a: c.cancel(a.story_id, a.reason)), "cancel a story")
     p.add_argument("--reason", default="", help="recorded as the story's error")
     add("pause", _story_control(lambda c, a: c.pause(a.story_id)), "pause a story (its running shot finishes)")
-    add("resume", _story_control(lambda c, a: c.resume(a.story_id)), "resume a paused story")
+    add("resume", _story_control(lambda c, a: c.resume(a.story_id)),
+        "resume a paused story, or a cancelled one from its last succeeded shot")
     p = add("priority", _story_control(lambda c, a: c.set_priority(a.story_id, a.priority)), "change a story's priority")
     p.add_argument("priority", type=int, metavar="N", help="-100..100")
     p = add("retry-shot", _story_control(lambda c, a: c.retry_shot(a.story_id, a.index, rerender=a.rerender, seed=a.seed)),
@@ -447,9 +438,8 @@ def add_commands(sub) -> None:
     p.add_argument("--cascade", action="store_true", help="also render every later shot again, after this one")
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a new UUID)")
 
-    p = add("download", cmd_download, "download a story's artifacts (resumable, sha256-checked)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--name", action="append", metavar="NAME", help="only this artifact (repeatable)")
+    from storyfarm.daemon.cli_download import add_download_command  # here: cli_download imports this module
+    add_download_command(add)
 
     add("pool", cmd_pool, "show the worker pool and the queue", story_id=False)
     p = add("drain", cmd_drain, "drain the daemon or some workers for maintenance (admin)", story_id=False)

@@ -62,7 +62,8 @@ class StoryfarmError(Exception):
 
     def __str__(self) -> str:
         reason = f" ({self.reason})" if self.reason else ""
-        return f"{self.code.name}{reason}: {self.message}"
+        fields = "".join(f"\n  {name}: {description}" for name, description in self.field_violations)
+        return f"{self.code.name}{reason}: {self.message}{fields}"
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> StoryfarmError:
@@ -217,7 +218,8 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
 def story_fields(story: str | Path | Mapping[str, Any] | render_pb2.StorySpec) -> dict[str, Any]:
     """The `story` oneof of a SubmitStoryRequest, as keyword arguments: a StorySpec as is, a dict
     as JSON, a path read from disk (JSON or YAML by its suffix), any other string as story text
-    (JSON when it starts with `{`, YAML otherwise)."""
+    (JSON when it starts with `{`, YAML otherwise). A file also sends its stem as `default_name`,
+    so a story without a name of its own is called after its file, as `storyfarm render` does."""
     if isinstance(story, render_pb2.StorySpec):
         return {"story_spec": story}
     if isinstance(story, Mapping):
@@ -230,7 +232,7 @@ def story_fields(story: str | Path | Mapping[str, Any] | render_pb2.StorySpec) -
             raise FileNotFoundError(f"story file {path}: no such file")
         kind = STORY_SUFFIXES.get(path.suffix.lower())
         body = path.read_text(encoding="utf-8")
-        return {kind or ("story_json" if body.lstrip().startswith("{") else "story_yaml"): body}
+        return {kind or ("story_json" if body.lstrip().startswith("{") else "story_yaml"): body, "default_name": path.stem}
     return {"story_json" if text.lstrip().startswith("{") else "story_yaml": text}
 
 

@@ -95,7 +95,7 @@ class TokenEntry(_Strict):
     def _hex_digest(cls, v: str) -> str:
         if not re.fullmatch(r"[0-9A-Fa-f]{64}", v):
             raise ValueError("must be the token's sha256 as 64 hex characters (never the token itself); "
-                             "storyfarm.daemon.auth.new_token() makes a token and its hash")
+                             "`storyfarm token create` makes a token and this entry")
         return v.lower()
 
     @model_validator(mode="after")

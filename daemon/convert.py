@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf import timestamp_pb2
 
 from storyfarm.daemon.events import LiveProgress
@@ -13,6 +15,7 @@ STORY_STATES = {s: getattr(pb, f"STORY_STATE_{s.upper()}") for s in lifecycle.ST
 SHOT_STATES = {s: getattr(pb, f"SHOT_STATE_{s.upper()}") for s in lifecycle.SHOT_STATES}
 STAGES = {s: getattr(pb, f"RENDER_STAGE_{s.upper()}") for s in lifecycle.RENDER_STAGES}
 KINDS = {k: getattr(pb, f"ARTIFACT_KIND_{k.upper()}") for k in ("shot_video", "story_video", "keyframe", "contact_sheet", "manifest")}
+SHOWS_WORKER = ("running", *lifecycle.FINAL_STATES)  # a shot waiting to run again has no worker yet
 CONTENT_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".json": "application/json"}
 STORY_STATE_NAMES = {v: k for k, v in STORY_STATES.items()}
 
@@ -23,6 +26,12 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def set_eta(field, eta: float | None, now: float | None = None) -> None:
+    """An expected finish (unix time) as a Duration from `now`; left unset when unknown."""
+    if eta is not None:
+        field.FromMilliseconds(max(0, int((eta - (time.time() if now is None else now)) * 1000)))
 
 
 def content_type(name: str) -> str:
@@ -53,7 +62,8 @@ def story(r: StoryRecord, live: LiveProgress | None = None, full: bool = True, p
         return msg
     for s in r.shots:
         shot = msg.shots.add(index=s.index, scene=s.scene, shot=s.shot, prompt=s.prompt, state=SHOT_STATES[s.state],
-                             attempts=s.attempts, worker=s.worker or "", error=s.error or "", take=s.take)
+                             attempts=s.attempts, worker=(s.worker or "") if s.state in SHOWS_WORKER else "",
+                             error=s.error or "", take=s.take)
         if s.result is not None:
             shot.seed = int(s.result.get("seed", 0))
             shot.cut = bool(s.result.get("cut", False))

@@ -24,6 +24,7 @@ from storyfarm.daemon.observers import Observers
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import FINAL, ArtifactIn, StateError
 from storyfarm.story.files import sha256_file
+from storyfarm.story.lifecycle import RENDER_STAGES
 from storyfarm.scheduler.gpu_pool.executor import Executor
 from storyfarm.scheduler.gpu_pool.faults import crash_point
 from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, ShotTask
@@ -33,6 +34,7 @@ from storyfarm.scheduler.simulate import project_finish
 log = logging.getLogger(__name__)
 
 STORY_LEVEL = {"story.mp4": "story_video", "contact_sheet.png": "contact_sheet", "manifest.json": "manifest"}
+POST_DENOISE = RENDER_STAGES[RENDER_STAGES.index("denoise") + 1:]
 ETA_EVERY_S = 10.0  # the projection runs this often, and sooner (at most once a second) when a
 ETA_SOONEST_S = 1.0  # story without an ETA starts or is asked about
 
@@ -57,12 +59,14 @@ class Dispatcher(threading.Thread):
         self.executor.on_event = self.observers.worker_event
         self.draining = False  # the whole daemon: no shot starts anywhere
         self.drained: set[str] = set()  # single workers drained (a GPU taken out): no shot starts there
+        self.turns = 0  # turns completed: a drain is complete once a turn has seen it and no drained worker is busy
         self._halt = threading.Event()
         self._tasks: dict[str, ShotTask] = {}  # in flight, by attempt id
         self._running: dict[str, dict] = {}  # attempt id -> project, priority, started, estimate, worker
         self._holders: dict[str, tuple[str, int]] = {}  # story id -> (worker id, generation) holding its memory
         self._etas: dict[str, float] = {}  # story id -> expected finish (unix time)
         self._batch_etas: dict[str, float] = {}  # batch id -> its latest story's expected finish
+        self._waits: dict[str, str] = {}  # story id -> why its next shot gets no worker (at the projection)
         self._eta_at = 0.0
         self._eta_stale = False  # a story lacks an ETA: project at the next turn allowed
         self._seq = store.last_event_seq()  # story ends after this are followed (not history)
@@ -95,6 +99,7 @@ class Dispatcher(threading.Thread):
                 task = self._tasks.get(msg.attempt_id)
                 if task is not None:
                     self.hub.progress(task.story_id, msg.shot_index, msg.stage, msg.step, msg.total, msg.worker_id)
+                    self._note_stage(msg)
             elif isinstance(msg, Done):
                 self._record_done(msg)
                 changed = True
@@ -110,6 +115,7 @@ class Dispatcher(threading.Thread):
         now = time.time()
         if now - self._eta_at > (ETA_SOONEST_S if self._eta_stale else ETA_EVERY_S):
             self._project_etas(now)
+        self.turns += 1
         if changed:
             self.hub.changed()
 
@@ -144,6 +150,7 @@ class Dispatcher(threading.Thread):
     def _story_ended(self, story) -> None:
         self._holders.pop(story.id, None)
         self._etas.pop(story.id, None)
+        self._eta_stale = True  # its batch's ETA no longer counts it
         self.executor.release(str(self.artifacts.story_dir(story.id)))
         reason = "ok" if story.state == "succeeded" else (story.error or story.state).split(":")[0][:60]
         seconds = (story.finished_at or time.time()) - story.created_at
@@ -192,11 +199,10 @@ class Dispatcher(threading.Thread):
             self._finish(msg.attempt_id, "cancelled", "cancelled", msg, error=msg.error, retryable=False)
         elif msg.fatal:  # the worker is being replaced: an infrastructure failure
             self._finish(msg.attempt_id, "lost", msg.reason or "cuda_error", msg, error=msg.error)
-        elif msg.reason == "out_of_memory":  # the store spends the shot's out-of-memory allowance first
-            final = task is not None and task.low_memory
-            note = "with low-memory settings, failing the shot" if final else "retrying with low-memory settings"
-            self._finish(msg.attempt_id, "failed", "out_of_memory", msg, retryable=not final,
-                         error=f"out_of_memory in {msg.stage or 'unknown stage'} ({note}): {msg.error}")
+        elif msg.reason == "out_of_memory":  # the store decides: a low-memory retry, or the shot fails
+            mode = " with low-memory settings" if task is not None and task.low_memory else ""
+            self._finish(msg.attempt_id, "failed", "out_of_memory", msg, retryable=True,
+                         error=f"out_of_memory in {msg.stage or 'unknown stage'}{mode}: {msg.error}")
         else:
             self._finish(msg.attempt_id, "failed", msg.reason or "content", msg, error=msg.error, retryable=msg.retryable)
 
@@ -214,13 +220,15 @@ class Dispatcher(threading.Thread):
             entries=tuple(s.result for s in story.shots if s.index != shot.index and s.result is not None),
             edit=shot.render_edit(),
             low_memory=shot.low_memory,
+            story_name=story.name,
         )
 
     def _scheduler(self, work: list[dict], now: float) -> Scheduler:
         """The policy's view of the farm right now, rebuilt from the store and this thread's state."""
         sched = Scheduler(self.policy, self.cost)
+        # a drained worker takes no new shot, but the shot it finishes is still running
         workers = {w.id: w for w in self.executor.workers.values()
-                   if w.state in ("idle", "busy") and w.id not in self.drained}
+                   if w.state == "busy" or (w.state == "idle" and not self.is_drained(w.id))}
         running_story = {w.task.story_id: w for w in workers.values() if w.task is not None}
         for row in work:
             holder = self._holders.get(row["id"])
@@ -272,8 +280,8 @@ class Dispatcher(threading.Thread):
         for a in decision.assignments:
             row = by_id[a.story_id]
             worker = self.executor.workers[a.worker_id]
-            if worker.state != "idle" or row["queued_shot_id"] is None:
-                continue
+            if worker.state != "idle" or self.is_drained(worker.id) or row["queued_shot_id"] is None:
+                continue  # a Drain may have landed since the policy decided
             try:
                 attempt_id = self.store.start_attempt(row["queued_shot_id"], worker.id)
             except StateError:  # paused or cancelled since the query
@@ -298,9 +306,10 @@ class Dispatcher(threading.Thread):
         self._eta_at, self._eta_stale = now, False
         work = self.store.unfinished_work()
         if not work:
-            self._etas, self._batch_etas = {}, {}
+            self._etas, self._batch_etas, self._waits = {}, {}, {}
             return
         sched = self._scheduler(work, now)
+        self._waits = {row["id"]: reason for row in work if (reason := self._wait_reason(sched, row, now))}
         for row in work:  # paused stories still count toward their batch, as if resumed now
             if row["state"] == "paused":
                 sched.hold(row["id"], False)
@@ -311,7 +320,20 @@ class Dispatcher(threading.Thread):
                 batches[row["batch_id"]] = max(batches.get(row["batch_id"], 0.0), etas[row["id"]])
         self._etas, self._batch_etas = etas, batches
 
+    def _wait_reason(self, sched: Scheduler, row: dict, now: float) -> str | None:
+        """The policy's reason, with "held" made specific from the store's view."""
+        reason = sched.wait_reason(row["id"], now)
+        if reason != "held":
+            return reason
+        if row["state"] == "paused":
+            return "paused"
+        return f"shot {row['done'] or 0} waits for the shot before it"
+
     # -- views -----------------------------------------------------------------------------------
+    def wait_reason(self, story_id: str) -> str | None:
+        """Why an unfinished story's next shot is not running (as of the last projection), or None."""
+        return self._waits.get(story_id)
+
     def eta(self, story_id: str) -> float | None:
         """Expected finish of an unfinished story (unix time): the projection, never before the end
         of its running shot (`shot_eta`, which steps refine between projections); None until the
@@ -327,10 +349,20 @@ class Dispatcher(threading.Thread):
             meta = next((dict(m) for m in self._running.values() if m["story"] == story_id), None)
         return None if meta is None else now + self._shot_remaining(meta, now)
 
+    def _note_stage(self, msg: StageUpdate) -> None:
+        """Keep the attempt's denoising pace: its last step, or all its steps once past denoising."""
+        with self._lock:
+            meta = self._running.get(msg.attempt_id)
+            if meta is None:
+                return
+            if msg.stage == "denoise" and msg.total:
+                meta["steps"] = (msg.step, msg.total)
+            elif msg.stage in POST_DENOISE and meta.get("steps"):
+                meta["steps"] = (meta["steps"][1], meta["steps"][1])
+
     def _shot_remaining(self, meta: dict, now: float) -> float:
         """Seconds left in a running attempt: its estimate, refined by its denoising steps so far."""
-        live = self.hub.latest(meta["story"])
-        step, total = (live.step, live.total) if live is not None and live.stage == "denoise" else (0, 0)
+        step, total = meta.get("steps") or (0, 0)
         return remaining_shot_s(meta["estimate"], now - meta["started"], step, total)
 
     def batch_eta(self, batch_id: str) -> float | None:

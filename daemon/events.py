@@ -22,7 +22,6 @@ class LiveProgress:
     total: int
     worker: str
     time: float
-    started: float  # when this shot's first report arrived
 
 
 class EventHub:
@@ -58,9 +57,7 @@ class EventHub:
 
     def progress(self, story_id: str, shot_index: int, stage: str, step: int, total: int, worker: str) -> None:
         with self._cond:
-            now, previous = time.time(), self._progress.get(story_id)
-            started = previous.started if previous is not None and previous.shot_index == shot_index else now
-            update = LiveProgress(shot_index, stage, step, total, worker, now, started)
+            update = LiveProgress(shot_index, stage, step, total, worker, time.time())
             self._progress[story_id] = update
             for queue in self._subscribers.get(story_id, ()):
                 queue.append(update)

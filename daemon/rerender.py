@@ -15,12 +15,13 @@ import grpc
 from storyfarm.daemon.errors import RpcError, invalid, precondition
 from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import IdempotencyConflict, StateError, StoryRecord
+from storyfarm.story.lifecycle import OPEN_STORY_STATES
 from storyfarm.story.presets import Preset
 from storyfarm.story.format import check_against_model, parse_story
 from storyfarm.story.fields import StoryValidationError
 from storyfarm.story.modes import ShotEdit, read_edit, renders_fifo
 
-BUSY = ("queued", "running", "paused")
+BUSY = OPEN_STORY_STATES  # a re-render waits until the story has finished
 MAX_REQUEST_ID = 128
 
 

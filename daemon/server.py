@@ -17,7 +17,6 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from storyfarm.daemon.artifacts import ArtifactStore
 from storyfarm.daemon.auth import AuthInterceptor, Authorizer
@@ -29,7 +28,9 @@ from storyfarm.daemon.logs import LogObserver
 from storyfarm.daemon.metrics import DaemonMetrics
 from storyfarm.daemon.metrics_http import MetricsServer
 from storyfarm.daemon.observers import Observers
-from storyfarm.daemon.servicer import CHUNK_BYTES, RenderServicer
+from storyfarm.daemon.reflection import enable_reflection
+from storyfarm.daemon.downloads import CHUNK_BYTES
+from storyfarm.daemon.servicer import RenderServicer
 from storyfarm.daemon.store import JobStore
 from storyfarm.story.presets import load_preset
 from storyfarm.v1 import render_pb2, render_pb2_grpc
@@ -96,7 +97,7 @@ class Daemon:
         render_pb2_grpc.add_RenderServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
-            reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+            enable_reflection(self.server, (SERVICE, health.SERVICE_NAME))  # v1 and v1alpha
         try:
             self.port = self._add_port()
         except RuntimeError as exc:  # grpcio raises where older versions returned 0

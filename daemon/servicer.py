@@ -14,20 +14,21 @@ import inspect
 import json
 import logging
 import re
-import socket
 import time
 from pathlib import Path
 
 import grpc
 
 from storyfarm.daemon import convert
-from storyfarm.daemon.artifacts import ArtifactError, ArtifactStore, OffsetOutOfRange
+from storyfarm.daemon.artifacts import ArtifactStore
 from storyfarm.daemon.auth import PermissionDenied, current_principal
 from storyfarm.daemon.config import DaemonConfig
+from storyfarm.daemon.downloads import artifact_chunks
 from storyfarm.daemon.errors import RpcError, invalid, not_found, precondition
 from storyfarm.daemon.events import EventHub
 from storyfarm.daemon.rerender import check_edit, check_shot_index, check_strength, rerender
 from storyfarm.daemon.store import JobStore
+from storyfarm.daemon.pool_view import add_workers
 from storyfarm.daemon.previews import keyframe_previews
 from storyfarm.daemon.store_records import IdempotencyConflict, NotFound, StateError
 from storyfarm.daemon.submit import check_submit, store_references
@@ -39,7 +40,6 @@ from storyfarm.v1 import render_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
 DEFAULT_PROJECT = "default"
 BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as auth.tokens[].project
@@ -59,7 +59,16 @@ def check_labels(labels, prefix: str = "") -> None:
 
 def check_priority(priority: int, field: str = "priority") -> None:
     if not PRIORITY[0] <= priority <= PRIORITY[1]:
-        raise invalid(f"priority {priority} is out of range", "INVALID_STORY", [(field, f"{PRIORITY[0]} to {PRIORITY[1]}")])
+        raise invalid(f"priority {priority} is out of range", "INVALID_ARGUMENT", [(field, f"{PRIORITY[0]} to {PRIORITY[1]}")])
+
+
+def check_cancel_reason(reason: str) -> str | None:
+    """A cancel's reason (recorded as the story's error): one line of at most 200 characters."""
+    reason = reason.strip()
+    if len(reason) > 200 or "\n" in reason:
+        raise invalid("the cancel reason is one line of at most 200 characters", "INVALID_ARGUMENT",
+                      [("reason", f"{len(reason)} characters; one line of at most 200")])
+    return reason or None
 
 
 def _rpc(handler):
@@ -91,12 +100,6 @@ def _rpc(handler):
             context.abort_with_status(translate(exc).status())
 
     return stream if inspect.isgeneratorfunction(handler) else unary
-
-
-def _set_eta(field, eta: float | None, now: float | None = None) -> None:
-    """The scheduler's expected finish (unix time) as a Duration from `now`; left unset when unknown."""
-    if eta is not None:
-        field.FromMilliseconds(max(0, int((eta - (time.time() if now is None else now)) * 1000)))
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
@@ -131,12 +134,16 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     def _story_message(self, record, full=True) -> pb.Story:
         msg = convert.story(record, self.hub.latest(record.id), full=full, preset=self.preset.name)
-        if self.dispatcher is not None and record.state not in FINAL:
+        if self.dispatcher is None or record.state in FINAL:
+            return msg
+        if not any(s.state == "running" for s in record.shots):
+            msg.waiting_reason = "paused" if record.state == "paused" else self.dispatcher.wait_reason(record.id) or ""
+        if record.state != "paused":  # a paused story has no ETA
             now = time.time()
-            _set_eta(msg.eta, self.dispatcher.eta(record.id), now)
+            convert.set_eta(msg.eta, self.dispatcher.eta(record.id), now)
             running = next((s for s in msg.shots if s.HasField("progress")), None)
             if running is not None:
-                _set_eta(running.progress.eta, self.dispatcher.shot_eta(record.id), now)
+                convert.set_eta(running.progress.eta, self.dispatcher.shot_eta(record.id), now)
         return msg
 
     # -- submit --------------------------------------------------------------------------------
@@ -213,7 +220,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             if count:
                 batch.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
         if self.dispatcher is not None and not batch.done:
-            _set_eta(batch.eta, self.dispatcher.batch_eta(batch_id))
+            convert.set_eta(batch.eta, self.dispatcher.batch_eta(batch_id))
         return batch
 
     @_rpc
@@ -249,7 +256,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     @_rpc
     def CancelBatch(self, request, context):
         self._batch(request.batch_id)  # exists, and the caller may act on its project
-        self.store.cancel_batch(request.batch_id)
+        self.store.cancel_batch(request.batch_id, reason=check_cancel_reason(request.reason))
         if self.dispatcher is not None:
             for story in self._batch_stories(request.batch_id):
                 self.dispatcher.cancel_running(story)
@@ -317,34 +324,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     @_rpc
     def DownloadArtifact(self, request, context):
-        record = self._story(request.story_id)
-        artifact = next((a for a in record.artifacts if a.name == request.name), None)
-        if artifact is None:
-            raise not_found("artifact", f"{request.story_id}/{request.name}", "ARTIFACT_NOT_FOUND")
-        if request.expected_sha256 and request.expected_sha256 != artifact.sha256:
-            raise RpcError(grpc.StatusCode.ABORTED, "the artifact changed since the download started", "ARTIFACT_CHANGED",
-                           fields=[("expected_sha256", f"the artifact is now {artifact.sha256}")])
-        try:
-            handle, size = self.artifacts.open_range(request.story_id, request.name, request.offset)
-        except OffsetOutOfRange as exc:
-            raise RpcError(grpc.StatusCode.OUT_OF_RANGE, str(exc), "OFFSET_OUT_OF_RANGE", fields=[("offset", str(exc))]) from None
-        except ArtifactError as exc:
-            raise not_found("artifact", f"{request.story_id}/{request.name}", "ARTIFACT_NOT_FOUND") from exc
-        with handle:
-            offset, first = request.offset, True
-            while True:
-                data = handle.read(CHUNK_BYTES)
-                if not data and not first:
-                    return
-                chunk = pb.ArtifactChunk(offset=offset, data=data)
-                if first:
-                    chunk.total_size, chunk.sha256 = size, artifact.sha256
-                    chunk.content_type = convert.content_type(artifact.name)
-                    first = False
-                yield chunk
-                offset += len(data)
-                if not data:
-                    return
+        yield from artifact_chunks(self.artifacts, self._story(request.story_id), request)
 
     # -- control -------------------------------------------------------------------------------
     def _control(self, story_id: str, operation) -> pb.Story:
@@ -355,7 +335,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     @_rpc
     def CancelStory(self, request, context):
-        story = self._control(request.story_id, self.store.request_cancel)
+        reason = check_cancel_reason(request.reason)
+        story = self._control(request.story_id, lambda sid: self.store.request_cancel(sid, reason=reason))
         if self.dispatcher is not None:
             self.dispatcher.cancel_running(request.story_id)
         return story
@@ -436,8 +417,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                                        step=live.step, total_steps=live.total)
                 if self.dispatcher is not None:  # the dispatcher's ETAs, the same GetStory reports
                     now = time.time()
-                    _set_eta(progress.shot_eta, self.dispatcher.shot_eta(story_id), now)
-                    _set_eta(progress.eta, self.dispatcher.eta(story_id), now)
+                    convert.set_eta(progress.shot_eta, self.dispatcher.shot_eta(story_id), now)
+                    convert.set_eta(progress.eta, self.dispatcher.eta(story_id), now)
                 yield pb.StoryEvent(seq=seq, time=convert.timestamp(live.time), story_id=story_id, progress=progress)
                 last_sent = time.monotonic()
             if record.state in FINAL and not self.store.events_since(story_id, seq, limit=1):
@@ -449,34 +430,11 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             version = self.hub.wait(version, timeout=min(1.0, self.heartbeat_s))
 
     # -- pool ----------------------------------------------------------------------------------
-    def _add_workers(self, workers) -> None:
-        """Every worker into `workers` (a repeated pb.Worker): its state (a drained worker is
-        DRAINING while it finishes its shot, then STOPPED), its shot and that shot's progress."""
-        states = {"starting": pb.WORKER_STATE_STARTING, "idle": pb.WORKER_STATE_IDLE, "busy": pb.WORKER_STATE_BUSY,
-                  "dead": pb.WORKER_STATE_FAILED, "out_of_service": pb.WORKER_STATE_STOPPED}
-        drained = {"idle": pb.WORKER_STATE_STOPPED, "busy": pb.WORKER_STATE_DRAINING}
-        for w in self.dispatcher.executor.snapshot():
-            error = w.get("error", "") if w["state"] in ("dead", "out_of_service") else ""
-            if w["state"] == "out_of_service":
-                error = f"out of service after repeated failures ({error})"
-            state = states[w["state"]]
-            if self.dispatcher.is_drained(w["id"]):
-                state = drained.get(w["state"], state)
-            worker = workers.add(worker_id=w["id"], devices=w.get("devices", [w["device"]]), state=state,
-                                 preset=self.preset.name, resident_story_count=w["resident_stories"],
-                                 memory_used_bytes=w.get("gpu_memory_bytes", 0), error=error, host=socket.gethostname())
-            if w["story_id"]:
-                worker.current_shot.CopyFrom(pb.ShotRef(story_id=w["story_id"], shot_index=w["shot_index"]))
-                live = self.hub.latest(w["story_id"])
-                if live is not None and live.shot_index == w["shot_index"]:
-                    worker.progress.CopyFrom(convert.progress(live))
-                    _set_eta(worker.progress.eta, self.dispatcher.shot_eta(w["story_id"]))
-
     @_rpc
     def GetPool(self, request, context):
         response = pb.GetPoolResponse(draining=bool(self.dispatcher and self.dispatcher.draining))
         if self.dispatcher is not None:
-            self._add_workers(response.workers)
+            add_workers(response.workers, self.dispatcher, self.hub, self.preset.name)
         for state, count in self.store.count_stories_by_state().items():
             if count and state not in FINAL:  # the queue as it is now, not history
                 response.stories_by_state.add(state=convert.STORY_STATES[state], count=count)
@@ -506,10 +464,12 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             if request.undrain:
                 self.dispatcher.drained.clear()
         self.hub.changed()
-        version = self.hub.version
+        version, turn = self.hub.version, self.dispatcher.turns
+        while request.wait and self.dispatcher.turns <= turn + 1 and context.is_active():
+            time.sleep(0.02)  # a turn that began before the drain may still start a shot: let it end
         while request.wait and self.dispatcher.drained_busy() and context.is_active():
             version = self.hub.wait(version, timeout=1.0)  # past the deadline the caller gets DEADLINE_EXCEEDED
         response = pb.DrainResponse(draining=self.dispatcher.draining,
                                     running_shot_count=len(self.dispatcher.drained_busy()))
-        self._add_workers(response.workers)
+        add_workers(response.workers, self.dispatcher, self.hub, self.preset.name)
         return response

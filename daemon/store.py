@@ -363,6 +363,8 @@ class JobStore(QueueViews, StoryControls):
             tx.set_shot(shot, ready_state(story), attempt=attempt, oom_failures=shot["oom_failures"] + 1, error=error,
                         reason="out of memory: retrying in low-memory mode")
         else:
+            if reason == "out_of_memory":  # its allowance is spent: the shot fails, whatever its budget
+                retryable = False
             failures = shot["failures"] + 1
             if retryable and failures < self.max_attempts:
                 tx.set_shot(shot, ready_state(story), attempt=attempt, failures=failures, error=error,

@@ -14,20 +14,24 @@ from storyfarm.daemon.store_records import (
 from storyfarm.daemon.store_tx import Tx, has_started, require
 
 
+RERENDER_HINT = "; a succeeded shot renders again as a new take: `storyfarm retry-shot --rerender` or `storyfarm rerender`"
+
+
 class StoryControls:
 
     def _control(self, story_id: str, op: str, allowed: Sequence[str], now: float | None,
-                 apply: Callable[[Tx, dict], None]) -> StoryRecord:
+                 apply: Callable[[Tx, dict], None], hint: str = "") -> StoryRecord:
         with self._write(now) as tx:
             story = tx.story(story_id)
-            require(story, op, allowed)
+            require(story, op, allowed, hint)
             apply(tx, story)
             return self._record(tx, story_id)
 
-    def request_cancel(self, story_id: str, *, now: float | None = None) -> StoryRecord:
-        """Cancel the story and its shots now; a running shot is flagged for its worker. Repeats are no-ops."""
+    def request_cancel(self, story_id: str, *, reason: str | None = None, now: float | None = None) -> StoryRecord:
+        """Cancel the story and its shots now; a running shot is flagged for its worker; `reason`
+        becomes the story's error. Repeats are no-ops."""
         return self._control(story_id, "cancel", ("queued", "running", "paused", "cancelled"), now,
-                             self._request_cancel)
+                             lambda tx, story: self._request_cancel(tx, story, reason))
 
     def request_pause(self, story_id: str, *, now: float | None = None) -> StoryRecord:
         """Hold the story's shots that have not started; a running shot finishes. Repeats are no-ops."""
@@ -42,18 +46,28 @@ class StoryControls:
         return self._control(story_id, "pause", ("queued", "running", "paused"), now, pause)
 
     def resume(self, story_id: str, *, now: float | None = None) -> StoryRecord:
-        """Release a paused story: its next shot queues again. A story not paused is left as it is."""
+        """Release a paused story (its next shot queues again), or bring a cancelled one back from
+        its last succeeded shot (those keep their files and the story's memory). A story neither
+        paused nor cancelled is left as it is."""
         def release(tx: Tx, story: dict) -> None:
-            if story["state"] != "paused":
+            if story["state"] not in ("paused", "cancelled"):
                 return
-            tx.emit(story["id"], "resume_requested")
-            tx.set_story(story, "running" if has_started(tx, story["id"]) else "queued", reason="resumed")
             shots = tx.shots(story["id"])
+            if story["state"] == "cancelled" and any(s["state"] == "running" for s in shots):  # not yet stopped
+                raise StateError(f"story {story_id} is cancelled and its running shot has not stopped yet; "
+                                 "resume it in a moment")
+            tx.emit(story["id"], "resume_requested")
+            if all(s["state"] == "succeeded" for s in shots):  # cancelled as its last shot finished
+                tx.set_story(story, "succeeded", reason="resumed: every shot had succeeded", error=None)
+                return
+            tx.set_story(story, "running" if has_started(tx, story["id"]) else "queued", reason="resumed",
+                         error=None, cancel_requested_at=None)
             for shot in shots:
-                if shot["state"] == "paused":
+                if shot["state"] in ("paused", "cancelled"):
                     ready = shot["idx"] == 0 or shots[shot["idx"] - 1]["state"] == "succeeded"
-                    tx.set_shot(shot, "queued" if ready else "waiting", reason="story resumed")
-        return self._control(story_id, "resume", ("paused", "queued", "running"), now, release)
+                    tx.set_shot(shot, "queued" if ready else "waiting", reason="story resumed",
+                                cancel_requested_at=None, error=None)
+        return self._control(story_id, "resume", ("paused", "cancelled", "queued", "running"), now, release)
 
     def set_priority(self, story_id: str, priority: int, *, now: float | None = None) -> StoryRecord:
         def change(tx: Tx, story: dict) -> None:
@@ -70,11 +84,11 @@ class StoryControls:
             shot = shots[index]
             if shot["state"] != "failed":
                 raise StateError(f"shot {index} of story {story_id} is {shot['state']}; "
-                                 "retry is allowed when it is failed")
+                                 f"retry is allowed when it is failed{RERENDER_HINT if shot['state'] == 'succeeded' else ''}")
             tx.emit(story_id, "retry_requested", index=index)
             tx.set_story(story, "running", error=None, reason=f"shot {index} retried")
             tx.set_shot(shot, "queued", failures=0, oom_failures=0, error=None, reason="retry requested")
-        return self._control(story_id, "retry", ("failed",), now, retry)
+        return self._control(story_id, "retry", ("failed",), now, retry, RERENDER_HINT)
 
     def rerender_shot(self, story_id: str, index: int, *, prompt: str | None = None, strength: float | None = None,
                       seed: int | None = None, cascade: bool = False, request_id: str | None = None,
@@ -117,19 +131,20 @@ class StoryControls:
                                 reason=f"re-render of shot {index} cascades")
             return self._record(tx, story_id)
 
-    def cancel_batch(self, batch_id: str, *, now: float | None = None) -> BatchSummary:
-        """Cancel every story of the batch that has not finished, in one transaction."""
+    def cancel_batch(self, batch_id: str, *, reason: str | None = None, now: float | None = None) -> BatchSummary:
+        """Cancel every story of the batch that has not finished, in one transaction; `reason` becomes
+        each one's error."""
         with self._write(now) as tx:
             stories = [dict(r) for r in tx.db.execute("SELECT * FROM stories WHERE batch_id = ?", (batch_id,))]
             for story in stories:
                 if story["state"] not in FINAL:
-                    self._request_cancel(tx, story)
+                    self._request_cancel(tx, story, reason)
             return batch_summary(tx, batch_id)
 
-    def _request_cancel(self, tx: Tx, story: dict) -> None:
+    def _request_cancel(self, tx: Tx, story: dict, reason: str | None = None) -> None:
         if story["state"] != "cancelled":
-            tx.emit(story["id"], "cancel_requested")
-            self._cancel(tx, story, None)
+            tx.emit(story["id"], "cancel_requested", **({"reason": reason} if reason else {}))
+            self._cancel(tx, story, reason or None)
 
     def _cancel(self, tx: Tx, story: dict, error: str | None) -> None:
         tx.set_story(story, "cancelled", cancel_requested_at=tx.now, error=error,

@@ -155,6 +155,11 @@ def _v4(db: sqlite3.Connection) -> None:
     for (content, out_of_memory, ...), so nothing re-derives it from the error text."""
     db.execute("ALTER TABLE shots ADD COLUMN oom_failures INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE attempts ADD COLUMN reason TEXT")
+    # Before, the dispatcher read the low-memory retry from the error text: a shot waiting for that
+    # retry at the upgrade keeps it.
+    db.execute("""UPDATE shots SET oom_failures = 1 WHERE state IN ('queued', 'waiting', 'paused') AND EXISTS (
+        SELECT 1 FROM attempts a WHERE a.shot_id = shots.id AND a.outcome = 'failed' AND a.error LIKE 'out_of_memory%')""")
+    db.execute("UPDATE attempts SET reason = 'out_of_memory' WHERE outcome = 'failed' AND error LIKE 'out_of_memory%'")
 
 
 # Migration n (1-based) brings a file from version n-1 to n. Append only.

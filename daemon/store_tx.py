@@ -93,10 +93,11 @@ def has_started(tx: Tx, story_id: str) -> bool:
     return tx.one("SELECT 1 FROM attempts WHERE story_id = ? LIMIT 1", (story_id,)) is not None
 
 
-def require(story: dict, op: str, allowed: Sequence[str]) -> None:
+def require(story: dict, op: str, allowed: Sequence[str], hint: str = "") -> None:
+    """Refuse `op` unless the story is in an `allowed` state; `hint` says what to do instead."""
     if story["state"] not in allowed:
         listed = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-        raise StateError(f"story {story['id']} is {story['state']}; {op} is allowed when it is {listed}")
+        raise StateError(f"story {story['id']} is {story['state']}; {op} is allowed when it is {listed}{hint}")
 
 
 # --- the store ------------------------------------------------------------------------------

@@ -396,6 +396,35 @@ class Scheduler:
         return min(idle, key=lambda w: (holds_runnable(w), w))
 
     # -- views -------------------------------------------------------------------------------
+    def wait_reason(self, story_id: str, now: float) -> str | None:
+        """Why a story whose next shot is not running gets no worker now, in the words `storyfarm
+        get` shows (None: running, finished, or unknown). A held story's reason is the caller's
+        (paused, or its next shot waits for the one before it): "held" here."""
+        story = self._stories.get(story_id)
+        if story is None or story.done or story.running_on is not None:
+            return None
+        if story.held:
+            return "held"
+        project = story.work.project
+        quota = self.config.quota(project)
+        running = self._running_by_project.get(project, 0)
+        if quota.burst is not None and running >= quota.burst:
+            return f"quota: project {project} runs {running} shot(s), its burst limit"
+        active = self._active_by_project.get(project, 0)
+        if not story.started and quota.max_concurrent_stories is not None and active >= quota.max_concurrent_stories:
+            return f"quota: project {project} has {active} stories started, its max_concurrent_stories"
+        if self._waits_for_holder(story, now):
+            holder = self._workers[story.holder]
+            return (f"affinity: waiting about {max(0.0, holder.busy_until - now):.0f} s for worker {holder.id}, "
+                    "which holds its memory")
+        if not self._workers:
+            return "no worker is up"
+        if any(w.idle for w in self._workers.values()):
+            return "about to start"
+        key = self._key(story, now)
+        ahead = sum(1 for s in self._stories.values() if s is not story and self._runnable(s) and self._key(s, now) < key)
+        return f"every worker is busy; {ahead} runnable stories rank ahead of it (priority, deadline, then age)"
+
     def runnable_count(self) -> int:
         return sum(1 for s in self._stories.values() if self._runnable(s))
 

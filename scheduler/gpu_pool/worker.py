@@ -79,8 +79,11 @@ class WorkerRuntime:
 
             add_window_devices(engine, list(self.extra_devices))
         report = engine.warm_up()  # compiles and first-call costs move out of the first shot
-        log.info("worker %s on %s warmed up: attention %s, %s", self.worker_id, self.device,
-                 engine.attention_backend, report)
+        # the report is a structure: a field of its own in JSON lines, never a repr in the message
+        log.info("worker %s on %s warmed up in %.1f s (attention %s)", self.worker_id, self.device,
+                 report.get("seconds", 0.0), engine.attention_backend,
+                 extra={"worker": self.worker_id, "device": str(self.device),
+                        "attention": str(engine.attention_backend), "warmup": report})
         self.renderer = StoryRenderer(engine, RenderSettings())
         return Ready(self.worker_id, self.device, engine.preset.name, time.perf_counter() - t0,
                      str(engine.attention_backend))
@@ -119,7 +122,8 @@ class WorkerRuntime:
 
         started = time.perf_counter()
         renderer, engine = self.renderer, self.engine
-        story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir)
+        story = parse_story(task.story_document, source=f"story {task.story_id}", base_dir=task.references_dir,
+                            name=task.story_name)
         story = check_against_model(story, renderer.preset.model_limits())
         shot = story.shots[task.shot_index]
         reports = _ShotReports(self, task)
@@ -189,6 +193,8 @@ class _ShotReports:
         pass
 
     def stage(self, name: str, step: int = 0, total: int = 0, detail: str = "") -> None:
+        if name == "denoise" and not step:  # the first step's time starts here, not at the text encoder
+            self._last = time.perf_counter()
         if name == "denoise" and step:
             now = time.perf_counter()
             self.step_seconds.append(now - self._last)

@@ -22,10 +22,11 @@ FINAL = (pb.STORY_STATE_SUCCEEDED, pb.STORY_STATE_FAILED, pb.STORY_STATE_CANCELL
 
 @contextmanager
 def running_daemon(data: Path, *, workers: int = 1, ready_workers: int = 1, timeout: float = 180,
-                   **overrides) -> Iterator[tuple[Daemon, render_pb2_grpc.RenderServiceStub]]:
+                   config_file: str | None = None, **overrides) -> Iterator[tuple[Daemon, render_pb2_grpc.RenderServiceStub]]:
     """A SERVING daemon on a free loopback port (tiny preset, CPU) with `ready_workers` idle
-    workers; shut down gracefully afterwards."""
-    config = load_config(None, {"listen": "127.0.0.1:0", "data_dir": str(data), "preset": "tiny", "workers": workers,
+    workers, its other settings from `config_file` (a YAML path) when given; shut down gracefully
+    afterwards."""
+    config = load_config(config_file, {"listen": "127.0.0.1:0", "data_dir": str(data), "preset": "tiny", "workers": workers,
                                 "device": "cpu", "grace_seconds": 5, **overrides})
     daemon = Daemon(config)
     daemon.start()
@@ -60,3 +61,14 @@ def wait_final(stub, story_id: str, timeout: float = 180) -> pb.Story:
             return story
         assert time.monotonic() < deadline, f"story {story_id} still {pb.StoryState.Name(story.state)}"
         time.sleep(0.2)
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    """The first truthy value of `predicate()`, polled every 50 ms; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from helpers.daemon_inproc import running_daemon, submit
+from helpers.daemon_inproc import running_daemon, submit, wait_for
 from storyfarm.daemon import cli
 from storyfarm.daemon.client import StoryfarmClient, StoryfarmError
 from storyfarm.v1 import render_pb2 as pb
@@ -21,16 +21,6 @@ from storyfarm.v1 import render_pb2 as pb
 def slow_story(name: str, shots: int = 3, step_s: float = 0.4) -> str:
     return json.dumps({"name": name, "resolution": "64x32", "frames": 9, "steps": 4,
                        "shots": [{"prompt": f"{name} shot {i} fake:slow={step_s}"} for i in range(shots)]})
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

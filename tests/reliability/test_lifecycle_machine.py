@@ -110,7 +110,9 @@ class StoryLifecycle(RuleBasedStateMachine):
             return
         SEEN[op] += 1
         expected = {"cancel": {"cancelled"}, "pause": {"paused"}, "priority": {before},
-                    "resume": {"queued", "running"} if before == "paused" else {before}}[op]
+                    "resume": {"queued", "running"} if before == "paused"
+                    # a cancelled story comes back from its last succeeded shot (or is done if all had)
+                    else {"queued", "running", "succeeded"} if before == "cancelled" else {before}}[op]
         assert after in expected, (op, before, after)
 
     def retry(self, story_id: str) -> None:

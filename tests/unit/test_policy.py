@@ -285,3 +285,27 @@ def test_the_cost_model_stops_growing_at_the_presets_memory_window():
     cost = cost_model(load_config(None), load_preset("tiny", overrides={"memory": {"max_size": 4}}))
     assert cost.max_memory_frames == 4
     assert cost.shot_seconds(20) == cost.shot_seconds(4) > cost.shot_seconds(3)
+
+
+def test_every_waiting_story_has_a_reason_in_words():
+    sched = farm(workers=("w0",), move_cost_s=30.0,
+                 projects={"ads": ProjectQuota(guaranteed=0, burst=1, max_concurrent_stories=1)})
+    assert sched.wait_reason("nosuch", 0) is None
+    sched.add_story(StoryWork("a", project="ads", total_shots=2, submitted_at=1))
+    assert sched.wait_reason("a", 0) == "about to start"  # an idle worker: the next turn places it
+    sched.schedule(0)  # a runs on w0 until 100
+    assert sched.wait_reason("a", 0) is None  # running
+    sched.add_story(StoryWork("b", project="ads", total_shots=1, submitted_at=2))
+    assert sched.wait_reason("b", 0) == "quota: project ads runs 1 shot(s), its burst limit"
+    sched.add_story(StoryWork("c", total_shots=1, submitted_at=3))
+    sched.add_story(StoryWork("d", total_shots=1, submitted_at=4))
+    assert sched.wait_reason("d", 0) == ("every worker is busy; 2 runnable stories rank ahead of it "
+                                         "(priority, deadline, then age)")  # b (held back by its quota) and c
+    sched.add_story(StoryWork("p", total_shots=1, held=True))
+    assert sched.wait_reason("p", 0) == "held"
+    sched.shot_finished("a", "succeeded")
+    sched.add_worker("w1")
+    sched.schedule(10)
+    # w0 is idle at a's shot boundary: a stays there (affinity), c takes w1
+    assert sched.wait_reason("a", 10) is None and sched.wait_reason("c", 10) is None
+    assert sched.wait_reason("b", 10) == "quota: project ads runs 1 shot(s), its burst limit"

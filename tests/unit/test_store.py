@@ -228,7 +228,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.stories: list[str] = []
         self.open_attempts: dict[str, str] = {}  # attempt id -> shot id
         self.succeeded: dict[str, int] = {}      # shot id -> its attempt count when it succeeded
-        self.final: dict[str, str] = {}          # story id -> succeeded or cancelled: never left
+        self.final: dict[str, str] = {}          # story id -> succeeded, or cancelled until resumed
         self.last_seq = 0
         for n in (1, 3):
             self.submit(n, priority=0)
@@ -276,7 +276,9 @@ class Lifecycle(RuleBasedStateMachine):
         try:
             getattr(self.store, op)(*args)
         except (StateError, NotFound):
-            pass
+            return
+        if op == "resume" and self.final.get(story_id) == "cancelled":
+            del self.final[story_id]  # a cancelled story is resumed from its last succeeded shot
 
     @precondition(lambda self: self.open_attempts)
     @rule()
@@ -299,7 +301,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert ("paused" in shot_states) <= (record.state == "paused")
             assert (record.state == "queued") <= (not any(s.attempts for s in record.shots))
             assert (record.state == "running") <= any(s.attempts for s in record.shots)
-            if record.id in self.final:  # succeeded and cancelled are final
+            if record.id in self.final:  # succeeded is final; cancelled until a resume
                 assert record.state == self.final[record.id]
             elif record.state in ("succeeded", "cancelled"):
                 self.final[record.id] = record.state

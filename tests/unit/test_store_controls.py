@@ -107,7 +107,7 @@ def test_a_story_failing_while_paused_leaves_its_later_shots_waiting_for_a_retry
     store.finish_attempt(attempt, "failed", error="bad prompt", retryable=False, now=tick())
     assert states(store, story_id) == ("failed", ["failed", "waiting", "waiting"])
     assert store.get_story(story_id).pause_requested_at is None
-    with pytest.raises(StateError, match="is failed; resume is allowed when it is paused, queued or running"):
+    with pytest.raises(StateError, match="is failed; resume is allowed when it is paused, cancelled, queued or running"):
         store.resume(story_id)
     assert states(store, store.retry_shot(story_id, 0).id) == ("running", ["queued", "waiting", "waiting"])
 
@@ -127,14 +127,13 @@ def test_runnable_shots_order_by_priority_then_age_and_follow_priority_changes(s
 
 def test_the_out_of_memory_retry_is_its_own_allowance_not_the_retry_budget(db_path):
     """With max_attempts 1, one out-of-memory failure still re-queues the shot in low-memory mode;
-    a second one (the dispatcher marks it not retryable) fails it; a user retry starts afresh."""
+    a second one fails it (the store decides, whatever the budget); a user retry starts afresh."""
     with JobStore.open(db_path, max_attempts=1) as store:
         story_id = submit(store, 2)
         shot = run(store, story_id, 0, "failed", error="out_of_memory in denoise", reason="out_of_memory")
         assert (shot.state, shot.low_memory) == ("queued", True)
         assert [a.reason for a in store.attempts(shot.id)] == ["out_of_memory"]
-        shot = run(store, story_id, 0, "failed", error="out_of_memory in denoise", reason="out_of_memory",
-                   retryable=False)
+        shot = run(store, story_id, 0, "failed", error="out_of_memory in denoise", reason="out_of_memory")
         assert shot.state == "failed" and states(store, story_id)[0] == "failed"
         store.retry_shot(story_id, 0, now=tick())
         assert store.shot(shot.id).low_memory is False
@@ -143,3 +142,24 @@ def test_the_out_of_memory_retry_is_its_own_allowance_not_the_retry_budget(db_pa
         store.retry_shot(story_id, 0, now=tick())
         assert run(store, story_id, 0, "lost", error="worker died", reason="worker_died").state == "queued"
         assert [a.reason for a in store.attempts(shot.id)][-1] == "worker_died"
+
+
+def test_the_v4_upgrade_keeps_a_pending_low_memory_retry(db_path):
+    """Before v4 the dispatcher read the low-memory retry from the attempt's error text."""
+    import sqlite3
+
+    from storyfarm.daemon.store_schema import MIGRATIONS, connect, migrate
+
+    db = connect(str(db_path), busy_timeout_s=1.0)
+    migrate(db, MIGRATIONS[:3])
+    db.execute("INSERT INTO stories (id, project, request_id, payload_sha256, name, document, state, created_at,"
+               " updated_at) VALUES ('st_1', 'p', 'r', 'x', 'n', '{}', 'running', 1, 1)")
+    db.execute("INSERT INTO shots (id, story_id, idx, scene, shot, prompt, settings, state, updated_at)"
+               " VALUES ('sh_1', 'st_1', 0, 1, 1, 'a', '{}', 'queued', 1)")
+    db.execute("INSERT INTO attempts (id, shot_id, story_id, number, worker, started_at, finished_at, outcome, error,"
+               " retryable) VALUES ('at_1', 'sh_1', 'st_1', 1, 'w0', 1, 2, 'failed',"
+               " 'out_of_memory in denoise (retrying once with low-memory settings): CUDA out of memory', 1)")
+    db.close()
+    with JobStore.open(db_path) as store:
+        shot = store.shot("sh_1")
+        assert shot.low_memory and [a.reason for a in store.attempts("sh_1")] == ["out_of_memory"]

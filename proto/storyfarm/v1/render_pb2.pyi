@@ -106,6 +106,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORE_BUSY: _ClassVar[ErrorReason]
     STORY_BUSY: _ClassVar[ErrorReason]
     INVALID_EDIT: _ClassVar[ErrorReason]
+    INVALID_ARGUMENT: _ClassVar[ErrorReason]
 STORY_STATE_UNSPECIFIED: StoryState
 STORY_STATE_QUEUED: StoryState
 STORY_STATE_RUNNING: StoryState
@@ -178,9 +179,10 @@ SHUTTING_DOWN: ErrorReason
 STORE_BUSY: ErrorReason
 STORY_BUSY: ErrorReason
 INVALID_EDIT: ErrorReason
+INVALID_ARGUMENT: ErrorReason
 
 class SubmitStoryRequest(_message.Message):
-    __slots__ = ("request_id", "story_json", "story_yaml", "story_spec", "reference_images", "project", "priority", "labels", "deadline_time", "preset", "validate_only")
+    __slots__ = ("request_id", "story_json", "story_yaml", "story_spec", "reference_images", "project", "priority", "labels", "deadline_time", "preset", "validate_only", "default_name")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +201,7 @@ class SubmitStoryRequest(_message.Message):
     DEADLINE_TIME_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     story_json: str
     story_yaml: str
@@ -210,7 +213,8 @@ class SubmitStoryRequest(_message.Message):
     deadline_time: _timestamp_pb2.Timestamp
     preset: str
     validate_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., story_json: _Optional[str] = ..., story_yaml: _Optional[str] = ..., story_spec: _Optional[_Union[StorySpec, _Mapping]] = ..., reference_images: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ..., project: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., deadline_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., preset: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+    default_name: str
+    def __init__(self, request_id: _Optional[str] = ..., story_json: _Optional[str] = ..., story_yaml: _Optional[str] = ..., story_spec: _Optional[_Union[StorySpec, _Mapping]] = ..., reference_images: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ..., project: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., deadline_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., preset: _Optional[str] = ..., validate_only: _Optional[bool] = ..., default_name: _Optional[str] = ...) -> None: ...
 
 class ReferenceImage(_message.Message):
     __slots__ = ("name", "data", "content_type")
@@ -305,7 +309,7 @@ class SubmitStoryResponse(_message.Message):
     def __init__(self, story_id: _Optional[str] = ..., created: _Optional[bool] = ..., shot_count: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Story(_message.Message):
-    __slots__ = ("story_id", "name", "project", "state", "priority", "labels", "batch_id", "request_id", "preset", "create_time", "update_time", "finish_time", "deadline_time", "error", "shot_count", "succeeded_shot_count", "shots", "artifacts", "eta")
+    __slots__ = ("story_id", "name", "project", "state", "priority", "labels", "batch_id", "request_id", "preset", "create_time", "update_time", "finish_time", "deadline_time", "error", "shot_count", "succeeded_shot_count", "shots", "artifacts", "eta", "waiting_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +336,7 @@ class Story(_message.Message):
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     ETA_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
     story_id: str
     name: str
     project: str
@@ -351,7 +356,8 @@ class Story(_message.Message):
     shots: _containers.RepeatedCompositeFieldContainer[Shot]
     artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
     eta: _duration_pb2.Duration
-    def __init__(self, story_id: _Optional[str] = ..., name: _Optional[str] = ..., project: _Optional[str] = ..., state: _Optional[_Union[StoryState, str]] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., batch_id: _Optional[str] = ..., request_id: _Optional[str] = ..., preset: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., shot_count: _Optional[int] = ..., succeeded_shot_count: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    waiting_reason: str
+    def __init__(self, story_id: _Optional[str] = ..., name: _Optional[str] = ..., project: _Optional[str] = ..., state: _Optional[_Union[StoryState, str]] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., batch_id: _Optional[str] = ..., request_id: _Optional[str] = ..., preset: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., shot_count: _Optional[int] = ..., succeeded_shot_count: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., waiting_reason: _Optional[str] = ...) -> None: ...
 
 class Shot(_message.Message):
     __slots__ = ("index", "scene", "shot", "prompt", "cut", "state", "attempts", "worker", "error", "retryable", "progress", "seed", "start_time", "finish_time", "take")

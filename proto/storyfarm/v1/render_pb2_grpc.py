@@ -190,8 +190,9 @@ class RenderServiceServicer:
     def CancelStory(self, request, context):
         """Cancels a story: it becomes CANCELLED at once, shots not yet run never run, and a running shot
         stops within one denoising step (a shot that completes in that window keeps its result).
-        Cancelling is recorded before it takes effect and is final. Cancelling a cancelled story
-        succeeds and changes nothing. Returns the story.
+        Cancelling is recorded before it takes effect; `reason` becomes the story's error. Its finished
+        shots and its memory are kept: ResumeStory brings it back from its last succeeded shot.
+        Cancelling a cancelled story succeeds and changes nothing. Returns the story.
         Role: submitter.
         Errors: NOT_FOUND (STORY_NOT_FOUND); FAILED_PRECONDITION (STORY_FINISHED: the story is
         SUCCEEDED or FAILED).
@@ -213,10 +214,13 @@ class RenderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResumeStory(self, request, context):
-        """Resumes a paused story: its next shot is queued again. Resuming a QUEUED or RUNNING story
+        """Resumes a paused story: its next shot is queued again. Resumes a CANCELLED story from its last
+        succeeded shot (its shots that succeeded are kept, with their files and the story's memory;
+        the first shot that did not succeed is queued again). Resuming a QUEUED or RUNNING story
         succeeds and changes nothing. Returns the story.
         Role: submitter.
-        Errors: NOT_FOUND (STORY_NOT_FOUND); FAILED_PRECONDITION (STORY_FINISHED).
+        Errors: NOT_FOUND (STORY_NOT_FOUND); FAILED_PRECONDITION (STORY_FINISHED: the story SUCCEEDED
+        or FAILED, or it is CANCELLED and its running shot has not stopped yet: retry in a moment).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -288,12 +292,14 @@ class RenderServiceServicer:
     def DownloadArtifact(self, request, context):
         """Streams one artifact's bytes in chunks, from `offset` to the end. Every chunk carries its
         offset, the artifact's total size and its sha256, so a client can resume a broken download
-        at the bytes it has and verify the whole file at the end.
+        at the bytes it has and verify the whole file at the end. A stream serves one version: the one
+        the story records when it starts, read to its end even if a re-render republishes the name.
         Role: viewer.
         Errors: NOT_FOUND with ResourceInfo (STORY_NOT_FOUND, ARTIFACT_NOT_FOUND); OUT_OF_RANGE
         (OFFSET_OUT_OF_RANGE: `offset` is negative or past the end; metadata `size`);
-        FAILED_PRECONDITION (ARTIFACT_CHANGED: the artifact's sha256 differs from `expected_sha256`,
-        because the shot was re-rendered; restart from offset 0).
+        ABORTED (ARTIFACT_CHANGED: the artifact was republished by a re-render. Either its sha256
+        differs from `expected_sha256`, or its new take is written but not yet recorded, then with
+        RetryInfo; in both cases download it again from offset 0, after the RetryInfo if any).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
