@@ -107,6 +107,8 @@ class RichProgress:
         # total from the sampler: a FIFO shot counts its base steps, then one step per output latent frame
         if name == "denoise" and total:
             self.bars.update(self.steps, completed=step, total=total, description=f"shot steps [{detail}]")
+        elif name != "denoise":  # decode, encode, keyframes: say so rather than sit at the last step
+            self.bars.update(self.steps, description=f"shot [{name.replace('_', ' ')}]")
 
     def shot_done(self, shot, entry):
         self.bars.advance(self.shots)

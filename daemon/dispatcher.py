@@ -226,9 +226,10 @@ class Dispatcher(threading.Thread):
     def _scheduler(self, work: list[dict], now: float) -> Scheduler:
         """The policy's view of the farm right now, rebuilt from the store and this thread's state."""
         sched = Scheduler(self.policy, self.cost)
-        # a drained worker takes no new shot, but the shot it finishes is still running
+        # a drained worker takes no new shot, but the shot it finishes is still running; a drain of
+        # the whole daemon is maintenance: projected as if it ended now (placement is off meanwhile)
         workers = {w.id: w for w in self.executor.workers.values()
-                   if w.state == "busy" or (w.state == "idle" and not self.is_drained(w.id))}
+                   if w.state == "busy" or (w.state == "idle" and w.id not in self.drained)}
         running_story = {w.task.story_id: w for w in workers.values() if w.task is not None}
         for row in work:
             holder = self._holders.get(row["id"])

@@ -66,3 +66,16 @@ def test_cancel_stops_the_shot_between_steps(tiny_engine, tmp_path):
         renderer.render(story(tiny_engine, "a storm"), tmp_path / "out", observer=recorder, cancel=recorder.cancelled)
     assert [e[1] for e in recorder.events if e[0] == "denoise" and e[1]] == [1, 2]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_command_lines_bars_name_the_stage_after_denoising():
+    from rich.console import Console
+
+    from storyfarm.daemon.cli import RichProgress
+
+    with RichProgress(Console(record=True, width=100)) as bars:
+        bars.story_start(type("S", (), {"name": "kite"})(), 1)
+        bars.stage("denoise", 3, 3, "low_noise t=12")
+        assert bars.bars.tasks[bars.steps].description == "shot steps [low_noise t=12]"
+        bars.stage("vae_decode")
+        assert bars.bars.tasks[bars.steps].description == "shot [vae decode]"
