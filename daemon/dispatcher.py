@@ -335,13 +335,13 @@ class Dispatcher(threading.Thread):
         """Why an unfinished story's next shot is not running (as of the last projection), or None."""
         return self._waits.get(story_id)
 
-    def eta(self, story_id: str) -> float | None:
-        """Expected finish of an unfinished story (unix time): the projection, never before the end
-        of its running shot (`shot_eta`, which steps refine between projections); None until the
-        next projection, which a miss brings forward (at most one a second, however often asked)."""
-        projected = self._known(self._etas.get(story_id))
-        shot = self.shot_eta(story_id) if projected is not None else None
-        return projected if shot is None else max(projected, shot)
+    def etas(self, story_id: str) -> tuple[float | None, float | None]:
+        """(story, running shot) expected finishes of an unfinished story (unix time), from one
+        reading: the story's is the projection, never before the end of its running shot (which
+        steps refine between projections); None until the next projection, which a miss brings
+        forward (at most one a second, however often asked). The shot's is None when none runs."""
+        projected, shot = self._known(self._etas.get(story_id)), self.shot_eta(story_id)
+        return (projected if shot is None or projected is None else max(projected, shot)), shot
 
     def shot_eta(self, story_id: str) -> float | None:
         """Expected finish (unix time) of the shot of `story_id` running now; None when none runs."""

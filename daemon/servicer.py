@@ -139,11 +139,11 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         if not any(s.state == "running" for s in record.shots):
             msg.waiting_reason = "paused" if record.state == "paused" else self.dispatcher.wait_reason(record.id) or ""
         if record.state != "paused":  # a paused story has no ETA
-            now = time.time()
-            convert.set_eta(msg.eta, self.dispatcher.eta(record.id), now)
+            now, (story_eta, shot_eta) = time.time(), self.dispatcher.etas(record.id)
+            convert.set_eta(msg.eta, story_eta, now)
             running = next((s for s in msg.shots if s.HasField("progress")), None)
             if running is not None:
-                convert.set_eta(running.progress.eta, self.dispatcher.shot_eta(record.id), now)
+                convert.set_eta(running.progress.eta, shot_eta, now)
         return msg
 
     # -- submit --------------------------------------------------------------------------------
@@ -416,9 +416,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 progress = pb.Progress(shot_index=live.shot_index, stage=convert.STAGES.get(live.stage, 0),
                                        step=live.step, total_steps=live.total)
                 if self.dispatcher is not None:  # the dispatcher's ETAs, the same GetStory reports
-                    now = time.time()
-                    convert.set_eta(progress.shot_eta, self.dispatcher.shot_eta(story_id), now)
-                    convert.set_eta(progress.eta, self.dispatcher.eta(story_id), now)
+                    now, (story_eta, shot_eta) = time.time(), self.dispatcher.etas(story_id)
+                    convert.set_eta(progress.shot_eta, shot_eta, now)
+                    convert.set_eta(progress.eta, story_eta, now)
                 yield pb.StoryEvent(seq=seq, time=convert.timestamp(live.time), story_id=story_id, progress=progress)
                 last_sent = time.monotonic()
             if record.state in FINAL and not self.store.events_since(story_id, seq, limit=1):

@@ -54,6 +54,12 @@ class ShotSpec:
         """The path where this shot's value of `setting` was written."""
         return dict(self.inherited_from).get(setting, f"{self.path}.{setting}")
 
+    @property
+    def clip_file(self) -> str:
+        """The shot's clip, relative to the story folder: what every worker (real or fake)
+        publishes it as (names are made here, never by users)."""
+        return f"shots/{self.index + 1:03d}_scene{self.scene:02d}_shot{self.shot:02d}.mp4"
+
 
 @dataclass(frozen=True)
 class Story:

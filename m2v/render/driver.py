@@ -107,10 +107,6 @@ class StoryRenderer:
             ),
         )
 
-    def shot_file(self, shot: ShotSpec) -> str:
-        """The shot's clip, relative to the story folder (names are made here, never by users)."""
-        return f"shots/{shot.index + 1:03d}_scene{shot.scene:02d}_shot{shot.shot:02d}.mp4"
-
     def _continuation_frames(self, story: Story, shot: ShotSpec, out: Path) -> tuple[str | None, np.ndarray | None]:
         """MI2V / MM2V: the last frame(s) of the previous shot as published (as the official
         pipeline reads them from the saved clip), so a shot renders the same in any process."""
@@ -118,7 +114,7 @@ class StoryRenderer:
             return None, None
         transition = shot.transition or self.preset.render.continuation
         count = 1 if transition == "first_frame" else self.preset.render.motion_frames
-        previous = out / self.shot_file(story.shots[shot.index - 1])
+        previous = out / story.shots[shot.index - 1].clip_file
         if not previous.is_file():
             raise FileNotFoundError(f"{shot.path}: continues shot {shot.index} but {previous} is missing")
         return transition, video.read_last_frames(previous, count)
@@ -151,12 +147,12 @@ class StoryRenderer:
         plan.use_t2v = (shot.index == 0 and self.preset.render.first_shot == "t2v") or (not use_memory and shot.cut)
         fifo = fifo_settings(shot, plan, self.engine)
         if edit is not None and edit.strength is not None:
-            plan.start_step, plan.init_frames = edit_start(edit.strength, plan, out / self.shot_file(shot))
+            plan.start_step, plan.init_frames = edit_start(edit.strength, plan, out / shot.clip_file)
         latent_file = out / "keyframes" / f"latents-{self.preset.name}-{plan.width}x{plan.height}.safetensors"
         persisted = load_file(str(latent_file)) if latent_file.is_file() else {}
         self.engine.import_memory_latents(plan, persisted)
         feed.observer.shot_start(shot, plan)
-        name = self.shot_file(shot)
+        name = shot.clip_file
         # A continuation's leading frames re-create the previous shot's last frame(s) it was
         # conditioned on; as in StoryMem, they are dropped so joins neither repeat nor stutter
         # (and keyframe selection cannot pick a copy of the previous shot).

@@ -136,7 +136,7 @@ class FakeWorker:
         width, height = shot.resolution or render.resolution
         frames, steps = shot.frames or render.frames, rules.get("steps") or shot.steps or render.steps
         out = Path(task.story_dir)
-        name = f"shots/{shot.index + 1:03d}_scene{shot.scene:02d}_shot{shot.shot:02d}.mp4"  # the driver's shot_file
+        name = shot.clip_file
         seconds: dict[str, float] = {}
         step_seconds: list[float] = []
         for stage in SHOT_STAGES:
