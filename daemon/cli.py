@@ -1,12 +1,13 @@
 """The `storyfarm` command line.
 
-Here: `render` (a whole story on this machine, no daemon; with `--shot INDEX` a new take of one shot
-of an earlier render, optionally edited, see m2v.driver.rerender), `validate` (check a story file against
+Here: `render` (a whole story on this machine, no daemon; with `--shot N` a new take of shot N,
+counting from 1 as everything people read and type does (story/numbering.py), of an earlier render,
+optionally edited, see m2v.driver.rerender), `validate` (check a story file against
 a preset without rendering) and `presets`; the commands that talk to a running daemon (submit,
 watch, ls, get, ...) live in cli_client.py and register themselves into this parser. The CLI only
 parses arguments, calls the layer below and prints; it holds no rendering logic. Exit codes: 0 done,
 2 bad input (every problem printed with its field path), 1 a failure while rendering, 130
-interrupted; the client commands add 3 (not found) and 4 (not allowed).
+interrupted; the client commands add 3 (not found), 4 (not allowed) and 5 (`submit`: some stories in, some refused).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from storyfarm.daemon.cli_ops import add_ops_parser
 from storyfarm.daemon.cli_serve import add_serve_parser
 from storyfarm.daemon.cli_sim import add_simulate_parser
 from storyfarm.daemon.cli_token import add_token_parser
+from storyfarm.story.numbering import shot_label, shot_number
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--threads", type=int, help="CPU threads for torch")
     render.add_argument("--quiet", action="store_true", help="no progress bars")
     edit = render.add_argument_group("re-render one shot of an earlier render in --out (a new take)")
-    edit.add_argument("--shot", type=int, metavar="INDEX", help="0-based index of the shot to render again")
+    edit.add_argument("--shot", type=int, metavar="N", help="the number of the shot to render again (the first shot is 1)")
     edit.add_argument("--prompt", help="its edited prompt (default: its current one)")
     edit.add_argument("--strength", type=float, metavar="S",
                       help="0 < S <= 1: start from the previous take pushed S of the way back to noise (default 1)")
@@ -88,6 +90,8 @@ class RichProgress:
         )
         self.console = console
         self.shots = self.steps = None
+        self.count = None  # the story's shots, for "shot 2 of 3"
+        self.label = "shot"  # the running shot's, for its bar
 
     def __enter__(self):
         self.bars.__enter__()
@@ -97,24 +101,26 @@ class RichProgress:
         self.bars.__exit__(*exc)
 
     def story_start(self, story, total_shots):
+        self.count = len(story.shots)
         self.shots = self.bars.add_task(f"story {story.name[:40]}", total=total_shots)
         self.steps = self.bars.add_task("steps", total=1)
 
     def shot_start(self, shot, plan):
-        self.bars.reset(self.steps, total=plan.sampler.steps, description=f"shot {shot.index + 1} (scene {shot.scene}.{shot.shot})")
+        self.label = shot_label(shot.index, self.count, shot.scene, shot.shot)
+        self.bars.reset(self.steps, total=plan.sampler.steps, description=self.label)
 
     def stage(self, name, step=0, total=0, detail=""):
         # total from the sampler: a FIFO shot counts its base steps, then one step per output latent frame
         if name == "denoise" and total:
-            self.bars.update(self.steps, completed=step, total=total, description=f"shot steps [{detail}]")
+            self.bars.update(self.steps, completed=step, total=total, description=f"{self.label} steps [{detail}]")
         elif name != "denoise":  # decode, encode, keyframes: say so rather than sit at the last step
-            self.bars.update(self.steps, description=f"shot [{name.replace('_', ' ')}]")
+            self.bars.update(self.steps, description=f"{self.label} [{name.replace('_', ' ')}]")
 
     def shot_done(self, shot, entry):
         self.bars.advance(self.shots)
         secs = sum(entry["seconds"].values())
         self.console.log(
-            f"shot {shot.index + 1}: {entry['file']} ({entry['model']}, memory {len(entry['memory_keyframes'])}, "
+            f"{shot_label(shot.index)}: {entry['file']} ({entry['model']}, memory {len(entry['memory_keyframes'])}, "
             f"+{len(entry['new_keyframes'])} keyframes, {secs:.1f}s)"
         )
 
@@ -162,16 +168,18 @@ def cmd_render(args, console: Console) -> int:
     from storyfarm.m2v.render.folder import check_output, earlier_render, render_identity
     from storyfarm.m2v.render.observe import Cancelled
     from storyfarm.story.modes import read_edit
+    from storyfarm.story.numbering import shot_index
 
     # Everything about --out is checked here, before the model loads (minutes with real weights).
     settings = RenderSettings(seed=args.seed, steps=args.steps, frames=args.frames, resolution=args.resolution)
-    edit, resumed = None, []
+    edit, resumed, index = None, [], None
     try:
         if args.shot is None and (args.prompt or args.strength is not None or args.shot_seed is not None or args.cascade):
-            raise ValueError("--prompt, --strength, --shot-seed and --cascade re-render one shot: give --shot INDEX")
+            raise ValueError("--prompt, --strength, --shot-seed and --cascade re-render one shot: give --shot N")
         if args.shot is not None:
+            index = shot_index(args.shot, len(story.shots), name="--shot")
             edit = read_edit({"prompt": args.prompt, "strength": args.strength, "seed": args.shot_seed}, path="")
-            earlier_render(args.out, story, args.shot)  # the render whose shot is taken again, and the index
+            earlier_render(args.out, story, index)  # the render whose shot is taken again
         else:
             resumed = check_output(args.out, render_identity(story, preset, settings))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -196,7 +204,7 @@ def cmd_render(args, console: Console) -> int:
     renderer = StoryRenderer(engine, settings)
     def run(progress=None):
         if args.shot is not None:
-            return renderer.rerender(story, args.out, args.shot, edit, cascade=args.cascade, observer=progress)
+            return renderer.rerender(story, args.out, index, edit, cascade=args.cascade, observer=progress)
         return renderer.render(story, args.out, observer=progress)
 
     try:
@@ -205,7 +213,7 @@ def cmd_render(args, console: Console) -> int:
         else:
             with RichProgress(console) as progress:
                 if args.shot is not None:
-                    progress.story_start(story, 1 if not args.cascade else len(story.shots) - args.shot)
+                    progress.story_start(story, 1 if not args.cascade else len(story.shots) - index)
                 manifest = run(progress)
     except (StoryValidationError, ReferenceImageError, FileExistsError, FileNotFoundError, ValueError) as exc:
         return _bad_input(console, exc)
@@ -213,8 +221,14 @@ def cmd_render(args, console: Console) -> int:
         again = "run the same command again to resume" if args.shot is None else "manifest.json was not written"
         console.print(f"interrupted: shots finished so far are in {args.out}; {again}")
         return EXIT_INTERRUPTED
+    if index is None:
+        done = f"{len(manifest['shots'])} shots"
+    elif args.cascade and shot_number(index) < len(story.shots):
+        done = f"shots {shot_number(index)} to {len(story.shots)} re-rendered"
+    else:
+        done = f"{shot_label(index)} re-rendered"
     console.print(
-        f"done: {len(manifest['shots'])} shots in {manifest['seconds_total']:.1f}s -> {args.out}/story.mp4 "
+        f"done: {done} in {manifest['seconds_total']:.1f}s -> {args.out}/story.mp4 "
         f"(manifest {args.out}/manifest.json)"
     )
     return EXIT_OK

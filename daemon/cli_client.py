@@ -10,9 +10,13 @@ Invariants:
 - exit codes: 0 done; 2 bad input (a bad argument or file here, or INVALID_ARGUMENT,
   ALREADY_EXISTS or OUT_OF_RANGE from the daemon, every field violation printed on its own line);
   3 NOT_FOUND; 4 UNAUTHENTICATED or PERMISSION_DENIED; 1 anything else, including a story that
-  ends FAILED or CANCELLED under `watch` or `submit --wait`; 130 Ctrl-C (the story keeps rendering);
+  ends FAILED or CANCELLED under `watch` or `submit --wait`; 5 (EXIT_PARTIAL) a `submit` of several
+  files of which some went in and some were refused; 130 Ctrl-C (the story keeps rendering);
+- `submit` checks every file (and the images it names) before sending any: one bad file sends none;
 - with --json, stdout holds exactly one JSON document and nothing else; messages, warnings and
   errors go to stderr, so `storyfarm get ID --json | jq .state` always parses;
+- shots are numbered from 1 in every argument and line of text (story/numbering.py); --json keeps
+  the API's 0-based `index` and adds `number` beside it;
 - importing this module is cheap: the gRPC client is imported only when a command runs, so
   `storyfarm render` pays nothing for it and `storyfarm submit` never loads torch.
 """
@@ -23,6 +27,7 @@ import argparse
 import base64
 import json
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,8 +38,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from storyfarm.story.lifecycle import FINAL_STATES, STORY_STATES
+from storyfarm.story.numbering import shot_index, shot_label, shot_number
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# 5, partly done: `submit` of several files without --batch, where the daemon created (or already
+# had) some stories and refused others; each is named on stderr, and --json lists both.
+EXIT_PARTIAL = 5
 # 4, not allowed: no credentials or role for it, or not in the story's current state (pause or
 # retry-shot on a finished story, resume while a cancelled shot is still stopping).
 EXIT_BY_CODE = {"INVALID_ARGUMENT": EXIT_BAD_INPUT, "ALREADY_EXISTS": EXIT_BAD_INPUT, "OUT_OF_RANGE": EXIT_BAD_INPUT,
@@ -76,9 +85,9 @@ def _connect(args):
     return StoryfarmClient(args.server, token, tls=tls)
 
 
-def _report(exc, server: str) -> int:
+def _report(exc, server: str, what: str = "") -> int:
     err = _stderr()
-    say(err, f"error: {exc}")  # the field violations are part of the error's text
+    say(err, f"error: {what}{exc}")  # the field violations are part of the error's text
     if exc.code.name == "UNAVAILABLE":
         say(err, f"  (is the daemon running at {server}? retried before giving up)")
     elif exc.retry_after is not None:
@@ -121,7 +130,8 @@ def _eta(seconds: float | None) -> str:
 class WatchView:
     """Two rich bars for one story: its shots k/n with the story's ETA, and the running shot's
     stage with its steps s/S and the shot's ETA. Log lines for state changes and artifacts.
-    Shots are named by their 0-based index, the number `retry-shot` and `get` use."""
+    Shots are named by their number, counting from 1 ("shot 6 of 6 (scene 1.3)"): the number
+    `retry-shot`, `rerender` and `get` use (story/numbering.py); events carry the 0-based index."""
 
     def __init__(self, console: Console, story_id: str):
         self.console, self.story_id = console, story_id
@@ -131,6 +141,7 @@ class WatchView:
         self.shot_bar = self.bars.add_task("", total=None, eta="", visible=False)
         self.state: str | None = None
         self.shot_states: dict[int, str] = {}
+        self.scenes: dict[int, tuple[int, int]] = {}  # index -> (scene, shot in scene), from the snapshot
         self.shot_count = 0
         self.step_shot: int | None = None  # the shot the step bar shows
 
@@ -147,6 +158,7 @@ class WatchView:
             story = data["story"]
             self.state, self.shot_count = story["state"], story["shot_count"]
             self.shot_states = {s["index"]: s["state"] for s in story["shots"]}
+            self.scenes = {s["index"]: (s["scene"], s["shot"]) for s in story["shots"]}
             self.bars.update(self.story_bar, eta=_eta(story["eta"]))
             for shot in story["shots"]:
                 if shot["state"] == "running" and shot["progress"]:
@@ -164,7 +176,7 @@ class WatchView:
                 worker = f" on {data['worker']}" if data["worker"] else ""
                 reason = f": {data['reason']}" if data["reason"] else ""
                 attempt = f" (attempt {data['attempt']})" if data.get("attempt") else ""
-                self._log(f"shot {data['shot_index']} {data['new_state']}{worker}{attempt}{reason}")
+                self._log(f"{self._label(data['shot_index'])} {data['new_state']}{worker}{attempt}{reason}")
         elif event.kind == "progress":
             self._step(data["shot_index"], data["stage"], data["step"], data["total_steps"], data["shot_eta"])
             self.bars.update(self.story_bar, eta=_eta(data["eta"]))
@@ -177,8 +189,12 @@ class WatchView:
 
     def _step(self, index: int, stage: str, step: int, total: int, eta: float | None) -> None:
         self.step_shot = index
-        self.bars.update(self.shot_bar, visible=True, description=f"shot {index} ({index + 1} of {self.shot_count}) {stage}",
+        self.bars.update(self.shot_bar, visible=True, description=f"{self._label(index)} {stage}",
                          total=total or None, completed=step, eta=_eta(eta))
+
+    def _label(self, index: int) -> str:
+        """"shot 6 of 6 (scene 1.3)": the shot's number, from 1 (its index is 5)."""
+        return shot_label(index, self.shot_count or None, *self.scenes.get(index, (None, None)))
 
     def _log(self, text: str) -> None:
         say(self.console, text)  # the bars' console: the line goes above the live bars
@@ -197,68 +213,55 @@ def follow(client, story_id: str, console: Console, *, after_seq: int = 0, quiet
 
 # --- commands ----------------------------------------------------------------------------------
 
-def _references(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or ():
-        name, sep, path = item.partition("=")
-        name, path = (name, path) if sep else (Path(item).name, item)
-        if not name or not path:
-            raise ValueError(f"--reference {item!r}: expected NAME=PATH or PATH")
-        out[name] = path
-    return out
-
-
-def cmd_submit(client, args, console: Console) -> int:
-    from storyfarm.daemon.client_wire import parse_pairs
-
-    if args.request_id and (len(args.story) > 1 or args.batch):
-        raise ValueError("--request-id names one story's submission: give one story and no --batch")
-    common = dict(project=args.project, priority=args.priority, labels=parse_pairs(args.label, "--label"),
-                  references=_references(args.reference), validate_only=args.validate_only)
-    err = _stderr()
-
-    def show(path: str, result: dict[str, Any]) -> None:
-        for warning in result["warnings"]:
-            say(err, f"warning: {path}: {warning}")
-        if not args.json:
-            what = "valid" if args.validate_only else "created" if result["created"] else "already submitted (same request id)"
-            say(console, f"{result['story_id'] or '-'}  {what}, {result['shot_count']} shots  ({path})")
-
-    if args.batch:  # one call, all or none
-        reply = client.submit_batch(args.story, args.batch, args.deadline, **common)
-        results, shown = reply["stories"], reply
-        for path, result in zip(args.story, results):
-            show(path, result)
-    else:  # one call per story, each shown as soon as it is in
-        results = []
-        for path in args.story:
-            results.append(client.submit(path, request_id=args.request_id, deadline=args.deadline, **common))
-            show(path, results[-1])
-        shown = results[0] if len(results) == 1 else results
-    status = EXIT_OK
-    if args.wait and not args.validate_only:
-        for result in results:
-            result["state"] = follow(client, result["story_id"], console, quiet=args.json)
-            status = status if result["state"] == "succeeded" else EXIT_FAILED
-    if args.json:
-        print_json(shown)
-    return status
-
-
 def cmd_watch(client, args, console: Console) -> int:
     state = follow(client, args.story_id, console, after_seq=args.after_seq)
     say(console, f"{args.story_id}: {state}")
     return EXIT_OK if state == "succeeded" else EXIT_FAILED
 
 
-def _table(*columns: str) -> Table:
+def _table(*columns: str, fit: dict[str, int] | None = None) -> Table:
+    """A plain table. Ids, counts and times stay whole (and copyable); free text folds, or, for the
+    columns in `fit` (name -> width, from _fit), stays on one line, cut with an ellipsis."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in columns:  # ids, counts and times stay whole (and copyable); free text folds
-        table.add_column(column, no_wrap=column not in ("NAME", "PROGRESS / ERROR"), overflow="fold")
+    for column in columns:
+        if fit and column in fit:
+            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=fit[column])
+        else:
+            table.add_column(column, no_wrap=column not in ("NAME", "PROGRESS / ERROR"), overflow="fold")
     return table
 
 
+def _fit(width: int, columns: list[str], rows: list[list[str]], free: dict[str, int]) -> dict[str, int]:
+    """Widths for the `free` columns (name -> weight) that make the table `width` cells wide at
+    most, the other columns whole (two cells between columns, as _table draws them): free columns
+    narrower than their share keep their width, the others share the rest by weight, at least 4
+    cells each (below that the table is wider than `width`: see _table_width)."""
+    from rich.cells import cell_len
+
+    natural = {c: max([cell_len(c)] + [cell_len(row[i]) for row in rows]) for i, c in enumerate(columns)}
+    spare = width - 2 * (len(columns) - 1) - sum(w for c, w in natural.items() if c not in free)
+    caps, left = {}, sorted(free, key=lambda c: natural[c] / free[c])
+    while left:
+        column = left.pop(0)
+        share = spare * free[column] // (free[column] + sum(free[c] for c in left))
+        caps[column] = max(4, min(natural[column], share))
+        spare -= caps[column]
+    return caps
+
+
+def _table_width(columns: list[str], rows: list[list[str]], fit: dict[str, int]) -> int:
+    from rich.cells import cell_len
+
+    return 2 * (len(columns) - 1) + sum(fit.get(c, max([cell_len(c)] + [cell_len(row[i]) for row in rows]))
+                                        for i, c in enumerate(columns))
+
+
 def cmd_ls(client, args, console: Console) -> int:
+    """One line per story at any width (a terminal's, or $COLUMNS, else 80, through a pipe): when
+    the table is too wide, creation times drop the year and names and projects are cut with an
+    ellipsis; story ids always stay whole (narrower than they need, lines grow past the width)."""
+    from rich.text import Text
+
     from storyfarm.daemon.client_wire import parse_pairs
 
     states = [s for item in args.state or () for s in item.split(",") if s]
@@ -266,12 +269,28 @@ def cmd_ls(client, args, console: Console) -> int:
     if args.json:
         print_json(stories)
         return EXIT_OK
-    table = _table("STORY", "NAME", "PROJECT", "STATE", "SHOTS", "PRIORITY", "CREATED")
-    for s in stories:
-        created = s["create_time"].astimezone().strftime("%Y-%m-%d %H:%M") if s["create_time"] else ""
-        table.add_row(s["story_id"], s["name"], s["project"], s["state"], f"{s['succeeded_shot_count']}/{s['shot_count']}",
-                      str(s["priority"]), created)
-    console.print(table)
+
+    def rows(when: str) -> list[list[str]]:
+        return [[s["story_id"], s["name"], s["project"], s["state"], f"{s['succeeded_shot_count']}/{s['shot_count']}",
+                 str(s["priority"]), s["create_time"].astimezone().strftime(when) if s["create_time"] else ""]
+                for s in stories]
+
+    columns, free = ["STORY", "NAME", "PROJECT", "STATE", "SHOTS", "PRIORITY", "CREATED"], {"NAME": 2, "PROJECT": 1}
+    lines = rows("%Y-%m-%d %H:%M")
+    fit = _fit(console.width, columns, lines, free)
+    cut = _table_width(columns, lines, fit) < _table_width(columns, lines, {})
+    if cut and sum(fit.values()) < 40:  # cramped: the short forms leave the names more room
+        columns[5], lines = "PRI", rows("%m-%d %H:%M")
+        fit = _fit(console.width, columns, lines, free)
+    table = _table(*columns, fit=fit)
+    for line in lines:
+        table.add_row(*(Text(cell) for cell in line))  # text, never markup: a name may hold [brackets]
+    width = console.width  # below the narrowest table, rich would squash the ids: let lines grow instead
+    console.width = max(width, _table_width(columns, lines, fit))
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     return EXIT_OK
 
 
@@ -287,7 +306,7 @@ def _print_story(story: dict[str, Any], console: Console) -> None:
         for shot in story["shots"]:
             progress = shot["progress"]
             note = f"{progress['stage']} {progress['step']}/{progress['total_steps']}" if progress else shot["error"]
-            table.add_row(str(shot["index"]), f"{shot['scene']}.{shot['shot']}", shot["state"], str(shot["attempts"]),
+            table.add_row(str(shot_number(shot["index"])), f"{shot['scene']}.{shot['shot']}", shot["state"], str(shot["attempts"]),
                           shot["worker"], note)
         console.print(table)
     if story["artifacts"]:
@@ -306,6 +325,12 @@ def cmd_get(client, args, console: Console) -> int:
     return EXIT_OK
 
 
+def _shot_arg(number: int) -> int:
+    """The API's 0-based shot index for the SHOT a person typed (counting from 1); a ValueError,
+    so exit 2, for 0 or less. The daemon checks the upper end against the story."""
+    return shot_index(number, name="SHOT")
+
+
 def _story_control(call: Callable[[Any, argparse.Namespace], dict]) -> Callable:
     def body(client, args, console: Console) -> int:
         story = call(client, args)
@@ -319,10 +344,25 @@ def _story_control(call: Callable[[Any, argparse.Namespace], dict]) -> Callable:
     return body
 
 
+def cmd_cancel(client, args, console: Console) -> int:
+    """Cancel; with --wait, return once no shot of the story runs any more (the running shot stops
+    at its next denoising step), so that `resume` right after it is allowed: exit 1 past --timeout."""
+    story = client.cancel(args.story_id, args.reason)
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        while any(shot["state"] == "running" for shot in client.get(args.story_id)["shots"]):
+            if time.monotonic() > deadline:
+                say(_stderr(), f"{args.story_id}: cancelled, but a shot was still stopping after --timeout {args.timeout:g} s")
+                return EXIT_FAILED
+            time.sleep(0.5)
+    return _story_control(lambda c, a: story)(client, args, console)
+
+
 def _print_pool(pool: dict[str, Any], console: Console) -> None:
     table = _table("WORKER", "STATE", "DEVICES", "SHOT", "PROGRESS", "RESIDENT", "MEMORY")
     for w in pool["workers"]:
-        shot = f"{w['current_shot']['story_id'] or '?'}#{w['current_shot']['shot_index']}" if w["current_shot"] else ""
+        shot = (f"{w['current_shot']['story_id'] or '?'} shot {shot_number(w['current_shot']['shot_index'])}"
+                if w["current_shot"] else "")
         progress = (f"{w['progress']['stage']} {w['progress']['step']}/{w['progress']['total_steps']} "
                     f"{_eta(w['progress'].get('eta'))}".strip() if w["progress"] else "")
         memory = f"{w['memory_used_bytes'] / 2**30:.1f}/{w['memory_total_bytes'] / 2**30:.1f} GiB" if w["memory_total_bytes"] else ""
@@ -392,17 +432,8 @@ def add_commands(sub) -> None:
         parser.set_defaults(run=_command(body))
         return parser
 
-    p = add("submit", cmd_submit, "submit stories to the daemon", story_id=False)
-    p.add_argument("story", nargs="+", metavar="STORY", help="story files: StoryMem JSON or storyfarm YAML/JSON")
-    p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a new UUID, reused on retries)")
-    p.add_argument("--project", help="project (default: the token's)")
-    p.add_argument("--priority", type=int, default=0, help="-100..100, higher runs first (default: 0)")
-    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label (repeatable)")
-    p.add_argument("--reference", action="append", metavar="NAME=PATH", help="a reference image the story names (repeatable)")
-    p.add_argument("--batch", metavar="ID", help="submit all stories as one batch, all or none")
-    p.add_argument("--deadline", metavar="HH:MM|ISO", help="when the story (or batch) should be finished")
-    p.add_argument("--validate-only", action="store_true", help="let the daemon check the stories; store nothing")
-    p.add_argument("--wait", action="store_true", help="watch until every story finishes; exit 1 unless all succeed")
+    from storyfarm.daemon.cli_submit import add_submit_command  # here: cli_submit imports this module
+    add_submit_command(add)
 
     p = add("watch", cmd_watch, "follow a story's progress until it finishes", json_flag=False)
     p.add_argument("--after-seq", type=int, default=0, metavar="SEQ", help="resume after this event")
@@ -414,23 +445,25 @@ def add_commands(sub) -> None:
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
 
     add("get", cmd_get, "show one story with its shots and artifacts")
-    p = add("cancel", _story_control(lambda c, a: c.cancel(a.story_id, a.reason)), "cancel a story")
+    p = add("cancel", cmd_cancel, "cancel a story")
     p.add_argument("--reason", default="", help="recorded as the story's error")
+    p.add_argument("--wait", action="store_true", help="return once its running shot has stopped (then `resume` may follow)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default: 600)")
     add("pause", _story_control(lambda c, a: c.pause(a.story_id)), "pause a story (its running shot finishes)")
     add("resume", _story_control(lambda c, a: c.resume(a.story_id)),
         "resume a paused story, or a cancelled one from its last succeeded shot")
     p = add("priority", _story_control(lambda c, a: c.set_priority(a.story_id, a.priority)), "change a story's priority")
     p.add_argument("priority", type=int, metavar="N", help="-100..100")
-    p = add("retry-shot", _story_control(lambda c, a: c.retry_shot(a.story_id, a.index, rerender=a.rerender, seed=a.seed)),
+    p = add("retry-shot", _story_control(lambda c, a: c.retry_shot(a.story_id, _shot_arg(a.shot), rerender=a.rerender, seed=a.seed)),
             "run a failed shot again (or re-render a succeeded one)")
-    p.add_argument("index", type=int, metavar="INDEX", help="0-based shot index")
+    p.add_argument("shot", type=int, metavar="SHOT", help="the shot's number (the first shot is 1, as `get` shows)")
     p.add_argument("--rerender", action="store_true", help="re-render a succeeded shot (a new take)")
     p.add_argument("--seed", type=int, help="seed for the new attempt")
     p = add("rerender", _story_control(lambda c, a: c.rerender_shot(
-                a.story_id, a.index, prompt=a.prompt, strength=a.strength, seed=a.seed, cascade=a.cascade,
+                a.story_id, _shot_arg(a.shot), prompt=a.prompt, strength=a.strength, seed=a.seed, cascade=a.cascade,
                 request_id=a.request_id)),
             "render a shot of a finished story again, optionally edited (a new take)")
-    p.add_argument("index", type=int, metavar="INDEX", help="0-based shot index")
+    p.add_argument("shot", type=int, metavar="SHOT", help="the shot's number (the first shot is 1, as `get` shows)")
     p.add_argument("--prompt", help="the edited prompt (default: the shot's current prompt)")
     p.add_argument("--strength", type=float, metavar="S",
                    help="0 < S <= 1: start from the previous take pushed S of the way back to noise (default 1: from noise)")

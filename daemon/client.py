@@ -10,7 +10,9 @@ Invariants:
   controls (cancel, pause, resume, set_priority, drain, cancel_batch), and submits, because a
   submit carries a request id that is generated once per `submit()` call and reused on every
   retry of it, so a submit that went through before its reply was lost returns the same story
-  (`created` false). `rerender_shot` is retried the same way (its request id is reused).
+  (`created` false). `rerender_shot` is retried the same way (its request id is reused). A batch's
+  request ids derive from the batch id and each story, so even the same batch command run again
+  creates nothing twice.
   `retry_shot` is never retried. Retries happen on UNAVAILABLE,
   DEADLINE_EXCEEDED, ABORTED when the daemon attached a RetryInfo (nothing was done: a conflict
   that passes, such as an artifact whose new take is being recorded), and RESOURCE_EXHAUSTED when
@@ -49,6 +51,7 @@ from storyfarm.daemon.client_download import DownloadConflict, download_story
 from storyfarm.daemon.client_wire import (
     Event,
     StoryfarmError,
+    batch_request_id,
     enum_value,
     parse_deadline,
     rerender_request,
@@ -205,8 +208,10 @@ class StoryfarmClient:
     def submit(self, story, *, request_id: str | None = None, project: str | None = None, priority: int = 0,
                labels: Mapping[str, str] | None = None, deadline=None, references: Mapping[str, str | Path] | None = None,
                validate_only: bool = False, preset: str | None = None) -> dict[str, Any]:
-        """Submits a story: a file path, story text (JSON or YAML), a dict, or a StorySpec.
-        `references` maps the names the story uses to image files. Returns story_id, created,
+        """Submits a story: a file path (or a StoryFile from client_wire.read_story_file), story
+        text (JSON or YAML), a dict, or a StorySpec. A story file brings the images it names,
+        read relative to its folder as `storyfarm render` reads them; `references` maps names to
+        image files, added to those or replacing one of the same name. Returns story_id, created,
         shot_count, warnings and the request_id used."""
         request = submit_request(story, request_id=request_id or str(uuid.uuid4()), project=project, priority=priority,
                                  labels=labels, deadline=deadline, references=references,
@@ -353,11 +358,16 @@ class StoryfarmClient:
     def submit_batch(self, stories: Iterable, batch_id: str, deadline=None, *, project: str | None = None,
                      priority: int = 0, labels: Mapping[str, str] | None = None,
                      references: Mapping[str, str | Path] | None = None, validate_only: bool = False) -> dict[str, Any]:
-        """Submits stories (paths, texts, dicts or StorySpecs) as one batch, all or none; each gets
-        its own request id, reused on retries. Returns the batch and one result per story."""
-        requests = [submit_request(story, request_id=str(uuid.uuid4()), project=None, priority=priority, labels=None,
+        """Submits stories (paths, StoryFiles, texts, dicts or StorySpecs) as one batch, all or none.
+        Each story's request id derives from the batch id and the story (client_wire.batch_request_id),
+        so submitting the same batch again, or retrying it, creates nothing twice: those stories
+        come back with `created` false. Returns the batch and one result per story."""
+        requests = [submit_request(story, request_id="-", project=None, priority=priority, labels=None,
                                    deadline=None, references=references, validate_only=validate_only)
                     for story in stories]
+        seen: dict[str, int] = {}
+        for sent in requests:
+            sent.request_id = batch_request_id(batch_id, sent, seen)
         request = render_pb2.SubmitBatchRequest(batch_id=batch_id, stories=requests, project=project or "",
                                                 labels=dict(labels or {}), validate_only=validate_only)
         if deadline is not None:

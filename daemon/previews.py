@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 from typing import Iterator
 
+from storyfarm.story.numbering import keyframe_indices
 from storyfarm.v1 import render_pb2 as pb
 
 PREVIEW_PX = 160
@@ -29,6 +30,6 @@ def keyframe_previews(story_dir: Path, record, shot_index: int) -> Iterator[pb.K
             image.thumbnail((PREVIEW_PX, PREVIEW_PX))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-            frame = int(kid.split("f")[-1]) if "f" in kid else 0
+            frame = (keyframe_indices(kid) or (shot_index, 0))[1]  # the wire's frame_index counts from 0
             yield pb.KeyframePreview(keyframe_id=kid, shot_index=shot_index, frame_index=frame, image=buffer.getvalue(),
                                      content_type="image/png", width=image.width, height=image.height)

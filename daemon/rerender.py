@@ -20,6 +20,7 @@ from storyfarm.story.presets import Preset
 from storyfarm.story.format import check_against_model, parse_story
 from storyfarm.story.fields import StoryValidationError
 from storyfarm.story.modes import ShotEdit, read_edit, renders_fifo
+from storyfarm.story.numbering import wire_shot
 
 BUSY = OPEN_STORY_STATES  # a re-render waits until the story has finished
 MAX_REQUEST_ID = 128
@@ -55,10 +56,12 @@ def check_strength(store: JobStore, record: StoryRecord, index: int, edit: ShotE
 
 
 def check_shot_index(record: StoryRecord, index: int) -> None:
-    """NOT_FOUND (SHOT_NOT_FOUND, naming `shot_index` and its range) for an index the story lacks."""
+    """NOT_FOUND (SHOT_NOT_FOUND, naming `shot_index` and its range) for an index the story lacks;
+    the text gives shot numbers too (from 1, as people count: story/numbering.py)."""
     if not 0 <= index < len(record.shots):
-        raise RpcError(grpc.StatusCode.NOT_FOUND, f"story {record.id} has no shot {index} (it has {len(record.shots)})",
-                       "SHOT_NOT_FOUND", fields=[("shot_index", f"0 to {len(record.shots) - 1}")],
+        count = len(record.shots)
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"story {record.id} has no {wire_shot(index)}; its shots are 1 to {count}",
+                       "SHOT_NOT_FOUND", fields=[("shot_index", f"0 to {count - 1} (shots 1 to {count})")],
                        resource=("storyfarm.v1.Shot", f"{record.id}/{index}"))
 
 

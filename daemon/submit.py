@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,10 @@ from storyfarm.daemon.store_records import ShotIn
 from storyfarm.story.fields import MAX_NAME_CHARS, FieldErrors, read_text
 from storyfarm.story.files import atomic_output
 from storyfarm.story.presets import Preset
-from storyfarm.story.references import ReferenceImageError, open_reference_image
+from storyfarm.story.references import REFERENCE_NAME, ReferenceImageError, open_reference_image
 from storyfarm.story.format import Story, StoryValidationError, check_against_model, parse_story
 from storyfarm.v1 import render_pb2 as pb
 
-REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ one function that decodes a reference image). What lives here:
 - modes: render options of a shot or story (one pass, FIFO, CSA, edits);
 - presets and config: model presets and the strict YAML helpers the daemon config uses too;
 - lifecycle: the states of stories and shots, attempt outcomes and the render stages in order;
+- numbering: shot numbers (from 1, for people) against shot indices (from 0, on the wire), and
+  keyframe ids;
 - kernel_choices: the names of the runtime's kernel choices a preset may use;
 - files: atomic writes and hashing; references: reference-image checks.
 """

@@ -11,7 +11,11 @@ only: the daemon's parent imports it when a story brings images, never at start-
 from __future__ import annotations
 
 import os
+import re
 
+# The name an uploaded image is stored under (a file in the story's references folder): the CLI
+# renames story-relative paths to fit it, the daemon refuses anything else.
+REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_FILE_BYTES = 64 << 20
 MAX_PIXELS = 40_000_000

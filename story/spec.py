@@ -14,6 +14,7 @@ from typing import Any
 
 from storyfarm.story.fields import FieldErrors, child, describe, read_int, read_text
 from storyfarm.story.modes import CsaOptions, FifoOptions
+from storyfarm.story.numbering import shot_number
 
 MAX_SHOTS = 1000
 MAX_OVERVIEW_CHARS = 10_000
@@ -23,7 +24,7 @@ RENDER_SETTINGS = ("negative_prompt", "seed", "frames", "resolution", "steps", "
 
 @dataclass(frozen=True)
 class ShotSpec:
-    index: int              # 0-based over the whole story
+    index: int              # 0-based over the whole story (people see shot_number(index): story/numbering.py)
     scene: int              # StoryMem scene_num, or the scene's scene_num / 1-based position (native)
     shot: int               # 1-based within its scene
     path: str               # where it was written: "scenes[1].video_prompts[2]", "shots[3]"
@@ -58,7 +59,7 @@ class ShotSpec:
     def clip_file(self) -> str:
         """The shot's clip, relative to the story folder: what every worker (real or fake)
         publishes it as (names are made here, never by users)."""
-        return f"shots/{self.index + 1:03d}_scene{self.scene:02d}_shot{self.shot:02d}.mp4"
+        return f"shots/{shot_number(self.index):03d}_scene{self.scene:02d}_shot{self.shot:02d}.mp4"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ that condition a shot.
 Invariants:
 - Memory order is story order: the story's references, then per shot its references (they join
   just before it) and its keyframes (picked just after it). Ids are stable and readable:
-  references `ref00`, `ref01`, ...; shot keyframes `s{shot:03d}f{frame:03d}`.
+  references `ref00`, `ref01`, ...; shot keyframes `s{shot number:03d}f{frame number:03d}`, both
+  counting from 1 (`s001f001`: the first frame of shot 1; story/numbering.py). Records keep the
+  0-based `shot_index` and `frame_index`.
 - The memory a shot sees is a snapshot: `before(shot)` is every keyframe that stood before that
   shot (references, its own references, keyframes of earlier shots), computed from the bank
   without changing it. A retried or re-rendered shot replaces its own keyframes in place, at its
@@ -42,6 +44,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from storyfarm.story.files import atomic_output
+from storyfarm.story.numbering import keyframe_id
 from storyfarm.m2v.video import save_png
 
 __all__ = ["Keyframe", "MemoryBank", "window"]
@@ -92,8 +95,12 @@ def window(keyframes: Sequence[T], *, long_term: int = 3, max_size: int = 10) ->
     return items[:long_term] + items[-recent:]
 
 
-def shot_keyframe_id(shot_index: int, frame_index: int) -> str:
-    return f"s{shot_index:03d}f{frame_index:03d}"
+def shot_keyframe_id(shot_index: int, frame_index: int, existing: Sequence[Keyframe] = ()) -> str:
+    """The id of a shot keyframe (story/numbering.py: shot and frame numbers from 1, `s001f001`).
+    A bank written before ids counted from 1 (`s000f000` = shot index 0, frame index 0) keeps
+    its old scheme, so a re-render of one of its shots cannot take a later shot's id."""
+    legacy = any(k.source == "shot" and k.id == f"s{k.shot_index:03d}f{k.frame_index:03d}" for k in existing)
+    return f"s{shot_index:03d}f{frame_index:03d}" if legacy else keyframe_id(shot_index, frame_index)
 
 
 def _as_embedding(embedding: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -244,7 +251,7 @@ class MemoryBank:
             raise ValueError(f"shot_index must be >= 0, got {shot_index}")
         kept = [k for k in self._keyframes if not (k.shot_index == shot_index and k.source == "shot")]
         entries = [
-            ("shot", shot_index, int(f), shot_keyframe_id(shot_index, int(f)), img, _as_embedding(e), None)
+            ("shot", shot_index, int(f), shot_keyframe_id(shot_index, int(f), self._keyframes), img, _as_embedding(e), None)
             for f, img, e in keyframes
         ]
         prepared = self._prepare(entries, kept)  # validate before removing anything

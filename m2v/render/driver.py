@@ -36,6 +36,7 @@ from storyfarm.m2v.render.sampler import SamplerSettings
 from storyfarm.m2v.render.shot_modes import csa_for_shot, edit_start, fifo_settings, render_frames
 from storyfarm.story.format import ShotSpec, Story, check_against_model
 from storyfarm.story.modes import ShotEdit, read_edit
+from storyfarm.story.numbering import shot_label
 
 MANIFEST_VERSION = 1
 
@@ -116,7 +117,7 @@ class StoryRenderer:
         count = 1 if transition == "first_frame" else self.preset.render.motion_frames
         previous = out / story.shots[shot.index - 1].clip_file
         if not previous.is_file():
-            raise FileNotFoundError(f"{shot.path}: continues shot {shot.index} but {previous} is missing")
+            raise FileNotFoundError(f"{shot.path}: continues {shot_label(shot.index - 1)} but {previous} is missing")
         return transition, video.read_last_frames(previous, count)
 
     def render_shot(self, story: Story, shot: ShotSpec, out_dir: str | os.PathLike,
@@ -211,7 +212,8 @@ class StoryRenderer:
         out = Path(out_dir)
         bank = MemoryBank.load(out / "keyframes")
         video.concat_mp4(out / "story.mp4", [out / e["file"] for e in entries], self.preset.render.fps)
-        tiles = [(f"shot {e['index'] + 1} (scene {e['scene']}.{e['shot']})", video.read_frame(out / e["file"], e["frames"] // 2)) for e in entries]
+        tiles = [(shot_label(e["index"], scene=e["scene"], shot=e["shot"]), video.read_frame(out / e["file"], e["frames"] // 2))
+                 for e in entries]
         ids = bank.snapshot()
         tiles += list(zip(ids, bank.images(ids)))
         video.contact_sheet(tiles, out / "contact_sheet.png")

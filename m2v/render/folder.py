@@ -34,6 +34,7 @@ from pathlib import Path
 from storyfarm.m2v.memory.bank import MemoryBank
 from storyfarm.story.files import sha256_file, write_json
 from storyfarm.story.format import Story
+from storyfarm.story.numbering import shot_number
 from storyfarm.story.presets import Preset
 
 MARKER = "render.json"
@@ -119,7 +120,7 @@ def earlier_render(out_dir: str | os.PathLike, story: Story, index: int) -> dict
     shot `index` a re-render replaces; FileNotFoundError or ValueError when there is none to re-render."""
     out = Path(out_dir)
     if not 0 <= index < len(story.shots):
-        raise ValueError(f"--shot {index}: the story has shots 0 to {len(story.shots) - 1}")
+        raise ValueError(f"shot index {index} (shot {shot_number(index)}): the story has shots 1 to {len(story.shots)}")
     if not (out / "manifest.json").is_file():
         hint = "; an interrupted render resumes with its own command, without --shot" if _read_marker(out) else ""
         raise FileNotFoundError(f"--out {out}: no manifest.json of an earlier render to re-render a shot of{hint}")
@@ -129,7 +130,8 @@ def earlier_render(out_dir: str | os.PathLike, story: Story, index: int) -> dict
         raise ValueError(f"--out {out}: its manifest.json cannot be read ({exc})") from None
     entries = {e["index"]: e for e in previous.get("shots", [])}
     if sorted(entries) != list(range(len(story.shots))):
-        raise ValueError(f"--out {out}: its manifest has shots {sorted(entries)}, the story has {len(story.shots)}")
+        raise ValueError(f"--out {out}: its manifest has shots {[shot_number(i) for i in sorted(entries)]}, "
+                         f"the story has {len(story.shots)}")
     return entries
 
 

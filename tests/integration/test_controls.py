@@ -63,8 +63,12 @@ def test_exit_codes_priority_and_retry_messages(farm, capsys):
     wait_for(lambda: get(stub, sid).state == pb.STORY_STATE_SUCCEEDED, "the story")
     capsys.readouterr()
     assert run_cli(d, "pause", sid) == 4
-    assert run_cli(d, "retry-shot", sid, "0") == 4
-    assert "--rerender" in capsys.readouterr().err
+    assert run_cli(d, "retry-shot", sid, "1") == 4
+    assert "--rerender" in capsys.readouterr().err  # SHOT counts from 1, as `get` shows
+    assert run_cli(d, "retry-shot", sid, "0") == 2
+    assert "SHOT 0: shot numbers count from 1" in capsys.readouterr().err
+    assert run_cli(d, "retry-shot", sid, "2") == 3  # NOT_FOUND, in shot numbers and the API's index
+    assert "has no shot_index 1 (shot 2); its shots are 1 to 1" in capsys.readouterr().err
     assert run_cli(d, "priority", sid, "500") == 2
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "priority: -100 to 100" in err

@@ -19,6 +19,7 @@ from PIL import Image
 from helpers.daemon_inproc import running_daemon, submit, wait_final
 from helpers.daemon_proc import violations
 from storyfarm.daemon.server import Daemon
+from storyfarm.story.numbering import keyframe_id
 from storyfarm.v1 import render_pb2 as pb
 
 SMALL = {"resolution": "64x32", "frames": 9, "steps": 2}
@@ -63,6 +64,8 @@ def test_submit_watch_download(daemon):
     assert [s.attempt for s in succeeded] == [1, 1, 1] and all(s.worker == "w0" for s in succeeded)
     previews = [e.keyframe_preview for e in events if e.HasField("keyframe_preview")]
     assert previews and all(p.image.startswith(b"\x89PNG") and p.width <= 160 for p in previews)
+    # ids count shots and frames from 1, the message's indices from 0 (story/numbering.py)
+    assert all(p.keyframe_id == keyframe_id(p.shot_index, p.frame_index) for p in previews), previews
     etas = [e.progress for e in events if e.HasField("progress") and e.progress.HasField("eta")]
     assert etas and all(p.eta.ToTimedelta().total_seconds() >= p.shot_eta.ToTimedelta().total_seconds() for p in etas)
 

@@ -198,7 +198,7 @@ def test_a_shot_rerender_refuses_a_folder_without_a_render_before_reading_weight
     out = tmp_path / "out"
     out.mkdir()
     res = subprocess.run([CLI, "render", str(repo / "configs/stories/minimal.yaml"), "--preset", str(preset),
-                          "--out", str(out), "--shot", "0", "--quiet"], capture_output=True, text=True, timeout=600)
+                          "--out", str(out), "--shot", "1", "--quiet"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2, res.stdout + res.stderr
     said = " ".join(res.stdout.split())
     assert "no manifest" in said and "loading preset" not in said, said

@@ -273,12 +273,13 @@ def test_a_shot_rerender_checks_the_folder_before_loading_the_model(tmp_path, re
     story = repo / "configs/stories/minimal.yaml"
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run_cli("render", story, "--out", empty, "--shot", "0", "--quiet")
+    res = run_cli("render", story, "--out", empty, "--shot", "1", "--quiet")
     assert res.returncode == 2, res.stdout + res.stderr
     said = " ".join(res.stdout.split())
     assert "no manifest" in said and "loading preset" not in said, said
     out = tmp_path / "out"
     assert run_cli("render", story, "--out", out, *SMALL, "--quiet").returncode == 0
-    res = run_cli("render", story, "--out", out, *SMALL, "--shot", "3", "--quiet")
+    res = run_cli("render", story, "--out", out, *SMALL, "--shot", "4", "--quiet")
     said = " ".join(res.stdout.split())
-    assert res.returncode == 2 and "--shot 3: the story has shots 0 to 2" in said and "loading preset" not in said, said
+    assert res.returncode == 2 and "--shot 4: shot numbers count from 1; this story has shots 1 to 3" in said, said
+    assert "loading preset" not in said, said

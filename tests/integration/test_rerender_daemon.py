@@ -115,7 +115,8 @@ def test_rerender_a_middle_shot_then_cascade(daemon, tmp_path):
     assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SHOT_NOT_FOUND")
     err = refused(lambda: stub.RetryShot(pb.RetryShotRequest(story_id=sid, shot_index=9)))
     assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SHOT_NOT_FOUND")
-    assert dict(err.field_violations)["shot_index"] == "0 to 3"
+    assert dict(err.field_violations)["shot_index"] == "0 to 3 (shots 1 to 4)"
+    assert "has no shot_index 9 (shot 10); its shots are 1 to 4" in str(err)
 
     # -- from the previous take with a strength, cascading to the later shots ------------------------
     client = StoryfarmClient(f"127.0.0.1:{d.port}")
@@ -134,7 +135,7 @@ def test_rerender_a_middle_shot_then_cascade(daemon, tmp_path):
     # -- the CLI, and RetryShot's rerender option (the same path) -------------------------------------
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli_main(["rerender", sid, "3", "--prompt", "gulls over a calm sea", "--server", f"127.0.0.1:{d.port}",
+        code = cli_main(["rerender", sid, "4", "--prompt", "gulls over a calm sea", "--server", f"127.0.0.1:{d.port}",
                          "--json"])
     assert code == 0 and json.loads(out.getvalue())["shots"][3]["take"] == 3
     assert wait_final(stub, sid).state == pb.STORY_STATE_SUCCEEDED

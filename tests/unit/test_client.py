@@ -9,20 +9,24 @@ daemon checks them. CLI commands run in-process through cli.main with --server p
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
 import uuid
 from concurrent import futures
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from rich.console import Console
 from storyfarm.v1 import render_pb2 as pb
 from storyfarm.v1 import render_pb2_grpc
 
@@ -145,6 +149,10 @@ class FakeDaemon(render_pb2_grpc.RenderServiceServicer):
     def RetryShot(self, request, context):
         self._record("RetryShot", request, context)
         abort(context, grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+    def RerenderShot(self, request, context):
+        self._record("RerenderShot", request, context)
+        return self._story(request.story_id, context)
 
     def GetPool(self, request, context):
         self._record("GetPool", request, context)
@@ -401,9 +409,45 @@ def test_cli_get_json_shape_and_exit_codes(daemon, capsys):
     assert code == 0 and out.strip() == f"{story.story_id}: cancelled"
 
 
+def test_cli_numbers_shots_from_1_and_the_wire_keeps_the_index(daemon, capsys):
+    """What people read and type counts shots from 1 (story/numbering.py); requests and --json keep
+    the API's 0-based index, and --json adds the number beside it."""
+    fake, address = daemon
+    story = fake.add_story(state=pb.STORY_STATE_SUCCEEDED)
+    code, out, _ = run_cli(capsys, address, "get", story.story_id)
+    rows = [line.split()[:2] for line in out.splitlines() if re.match(r"\s*\d+\s+1\.\d\s", line)]
+    assert code == 0 and rows == [["1", "1.1"], ["2", "1.2"]], out
+    code, out, _ = run_cli(capsys, address, "get", story.story_id, "--json")
+    assert [(s["index"], s["number"]) for s in json.loads(out)["shots"]] == [(0, 1), (1, 2)]
+    before = len(fake.seen("RetryShot"))
+    code, _, err = run_cli(capsys, address, "retry-shot", story.story_id, "0")
+    assert code == 2 and "SHOT 0: shot numbers count from 1" in err and len(fake.seen("RetryShot")) == before
+    run_cli(capsys, address, "retry-shot", story.story_id, "2")  # the fake answers UNAVAILABLE
+    assert fake.seen("RetryShot")[-1].shot_index == 1
+    assert run_cli(capsys, address, "rerender", story.story_id, "2", "--prompt", "a red kite")[0] == 0
+    assert (fake.seen("RerenderShot")[-1].shot_index, fake.seen("RerenderShot")[-1].prompt) == (1, "a red kite")
+    assert run_cli(capsys, address, "rerender", story.story_id, "0")[0] == 2
+
+
+def test_watch_names_shots_by_number_with_their_scene():
+    from storyfarm.daemon.cli_client import WatchView
+
+    text = io.StringIO()
+    view = WatchView(Console(file=text, width=200), "st_1")
+    shots = [{"index": i, "scene": 1, "shot": i + 1, "state": "queued", "progress": None} for i in range(3)]
+    view.handle(SimpleNamespace(kind="snapshot", data={"story": {"state": "running", "shot_count": 3, "eta": None,
+                                                                 "shots": shots}}))
+    view.handle(SimpleNamespace(kind="progress", data={"shot_index": 2, "stage": "denoise", "step": 1, "total_steps": 4,
+                                                       "shot_eta": None, "eta": None}))
+    assert view.bars.tasks[view.shot_bar].description == "shot 3 of 3 (scene 1.3) denoise"
+    view.handle(SimpleNamespace(kind="shot_state_changed", data={"shot_index": 2, "new_state": "succeeded",
+                                                                 "worker": "w0", "reason": "", "attempt": 1}))
+    assert "shot 3 of 3 (scene 1.3) succeeded on w0 (attempt 1)" in text.getvalue()
+
+
 def test_cli_prints_field_violations_with_exit_code_2(daemon, capsys, tmp_path):
     _, address = daemon
-    (tmp_path / "bad.yaml").write_text("name: bad\n")
+    (tmp_path / "bad.yaml").write_text("name: bad\nshots:\n  - prompt: p\n")  # valid here: the (fake) daemon refuses it
     code, out, err = run_cli(capsys, address, "submit", str(tmp_path / "bad.yaml"), "--json")
     assert code == 2 and out == ""
     assert "INVALID_ARGUMENT (INVALID_STORY)" in err
@@ -425,7 +469,7 @@ def test_cli_submit_wait_and_watch(daemon, capsys, tmp_path, final, exit_code):
     assert "warning:" in err and fake.seen("SubmitStory")[0].request_id == "kite-1"
     fake.drop_watch = True
     code, out, _ = run_cli(capsys, address, "watch", result["story_id"])
-    assert code == exit_code and "shot 0 succeeded on gpu0-1" in out
+    assert code == exit_code and "shot 1 of 2 (scene 1.1) succeeded on gpu0-1" in out  # numbered from 1
     assert [r.after_seq for r in fake.seen("WatchStory")][-2:] == [0, 13]
     assert run_cli(capsys, address, "watch", result["story_id"], "--after-seq", "15")[0] == exit_code
     assert fake.seen("WatchStory")[-1].after_seq == 15
@@ -460,7 +504,7 @@ def test_cli_pool_drain_and_interrupt(daemon, capsys, monkeypatch):
     worker = json.loads(out)["workers"][0]
     assert code == 0 and worker["state"] == "busy" and worker["progress"] == {"stage": "denoise", "step": 3, "total_steps": 8, "eta": None}
     code, out, _ = run_cli(capsys, address, "pool")
-    assert code == 0 and "gpu0-1" in out and "2 queued" in out
+    assert code == 0 and "gpu0-1" in out and "2 queued" in out and "st_0000 shot 2" in out  # shot_index 1
     code, out, _ = run_cli(capsys, address, "drain", "--worker", "gpu0-1", "--wait", "--json")
     assert code == 0 and json.loads(out)["draining"] is True
     assert list(fake.seen("Drain")[0].worker_ids) == ["gpu0-1"] and fake.seen("Drain")[0].wait

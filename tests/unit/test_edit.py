@@ -102,9 +102,17 @@ def test_the_render_command_re_renders_one_shot(tiny_engine, rendered, tmp_path,
     story_file = tmp_path / "story.yaml"
     story_file.write_text(yaml.safe_dump(DOC))
     out = copy(rendered[1], tmp_path / "out")
-    assert cli_main(["render", str(story_file), "--out", str(out), "--quiet", "--shot", "2", "--prompt", "a red beam"]) == 0
+    capsys.readouterr()
+    # shots are numbered from 1 (story/numbering.py): --shot 3 is the third shot, shots/003_...mp4
+    assert cli_main(["render", str(story_file), "--out", str(out), "--quiet", "--shot", "3", "--prompt", "a red beam"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "done: shot 3 re-rendered in " in said, said  # one shot, not the story's three
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shots"][2]["prompt"] == "a red beam" and manifest["shots"][0]["sha256"] == rendered[2]["shots"][0]["sha256"]
+    assert manifest["shots"][2]["prompt"] == "a red beam" and manifest["shots"][2]["file"].startswith("shots/003_")
+    assert sha_of(out, manifest)[2] != rendered[2]["shots"][2]["sha256"]
+    assert sha_of(out, manifest)[:2] == [s["sha256"] for s in rendered[2]["shots"][:2]]
+    assert cli_main(["render", str(story_file), "--out", str(out), "--quiet", "--shot", "0"]) == 2
+    assert "--shot 0: shot numbers count from 1; this story has shots 1 to 3" in " ".join(capsys.readouterr().out.split())
     assert cli_main(["render", str(story_file), "--out", str(out), "--quiet", "--shot", "1", "--strength", "2"]) == 2
     assert "strength: expected a strength of at most 1, got 2.0" in capsys.readouterr().out
     assert cli_main(["render", str(story_file), "--out", str(out), "--quiet", "--shot", "7"]) == 2

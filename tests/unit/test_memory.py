@@ -8,6 +8,7 @@ import torch
 
 from storyfarm.m2v.memory import bank as memory_mod
 from storyfarm.m2v.memory.bank import MemoryBank, window
+from storyfarm.story.numbering import keyframe_id
 
 
 # ---- window ----------------------------------------------------------------------------------
@@ -49,10 +50,10 @@ def test_window_size_zero_and_bad_arguments():
 
 def test_window_counts_keyframes_not_shots():
     # 5 shots of 3 keyframes each: the window holds 10 keyframes, not 10 shots
-    ids = [f"s{s:03d}f{f:03d}" for s in range(5) for f in (0, 40, 80)]
+    ids = [keyframe_id(s, f) for s in range(5) for f in (0, 40, 80)]
     got = window(ids, long_term=3, max_size=10)
     assert len(got) == 10
-    assert got[:3] == ["s000f000", "s000f040", "s000f080"]
+    assert got[:3] == ["s001f001", "s001f041", "s001f081"]
     assert got[3:] == ids[-7:]
 
 
@@ -88,11 +89,11 @@ def test_ids_order_and_contents(tmp_path):
     assert [k.id for k in refs] == ["ref00", "ref01"]
     bank.add_shot_keyframes(0, shot(0, [0, 40]))
     bank.add_shot_keyframes(1, shot(1, [7]))
-    assert bank.snapshot() == ["ref00", "ref01", "s000f000", "s000f040", "s001f007"]
+    assert bank.snapshot() == ["ref00", "ref01", "s001f001", "s001f041", "s002f008"]
     assert [k.source for k in bank.keyframes] == ["reference"] * 2 + ["shot"] * 3
-    assert bank.get(["s000f040"])[0].shot_index == 0 and bank.get(["s000f040"])[0].frame_index == 40
-    assert np.array_equal(bank.images(["s001f007", "ref01"])[0], image(107))
-    assert np.array_equal(bank.images(["s001f007", "ref01"])[1], image(2))
+    assert bank.get(["s001f041"])[0].shot_index == 0 and bank.get(["s001f041"])[0].frame_index == 40
+    assert np.array_equal(bank.images(["s002f008", "ref01"])[0], image(107))
+    assert np.array_equal(bank.images(["s002f008", "ref01"])[1], image(2))
     embs = bank.embeddings()
     assert embs.shape == (5, 8) and embs.dtype == torch.float32
     assert torch.equal(embs[3], emb(40))
@@ -116,7 +117,7 @@ def test_references_without_embeddings_and_custom_ids(tmp_path):
     bank.add_shot_keyframes(0, shot(0, [3]))
     assert bank.embeddings().shape == (1, 8)  # only keyframes that have an embedding
     bank.add_references([image(3)], for_shot=1)  # a shot's own references join mid-story
-    assert bank.snapshot() == ["hero", "ref01", "s000f003", "ref02"]
+    assert bank.snapshot() == ["hero", "ref01", "s001f004", "ref02"]
     assert_same_bank(bank, MemoryBank.load(tmp_path))
     with pytest.raises(ValueError):
         bank.add_references([image(4)], ids=["hero"])
@@ -130,15 +131,15 @@ def test_persistence_round_trip_and_layout(tmp_path):
     bank.add_references([image(1)], embeddings=emb(1)[None])
     bank.add_shot_keyframes(0, shot(0, [0, 80]))
     index = json.loads((root / "memory.json").read_text())
-    assert [r["id"] for r in index["keyframes"]] == ["ref00", "s000f000", "s000f080"]
+    assert [r["id"] for r in index["keyframes"]] == ["ref00", "s001f001", "s001f081"]
     assert (root / "embeddings.safetensors").is_file()
     assert sorted(p.name for p in root.iterdir()) == [
-        "embeddings.safetensors", "memory.json", "ref00.png", "s000f000.png", "s000f080.png"]
+        "embeddings.safetensors", "memory.json", "ref00.png", "s001f001.png", "s001f081.png"]
 
     loaded = MemoryBank.load(root)
     assert_same_bank(bank, loaded)
     loaded.add_shot_keyframes(1, shot(1, [5]))  # a resumed story keeps growing
-    assert MemoryBank.open(root).snapshot() == ["ref00", "s000f000", "s000f080", "s001f005"]
+    assert MemoryBank.open(root).snapshot() == ["ref00", "s001f001", "s001f081", "s002f006"]
     with pytest.raises(FileExistsError):
         MemoryBank(root)
 
@@ -151,9 +152,9 @@ def test_window_ids_and_memory_before_each_shot(tmp_path):
         windows[s], snapshots[s] = bank.window_ids(long_term=3, max_size=5), bank.snapshot()
         images[s] = bank.images(windows[s])
         bank.add_shot_keyframes(s, shot(s, [0, 50]))
-    assert bank.window_ids(3, 5) == ["ref00", "ref01", "s000f000", "s004f000", "s004f050"]
+    assert bank.window_ids(3, 5) == ["ref00", "ref01", "s001f001", "s005f001", "s005f051"]
     assert windows[0] == ["ref00", "ref01"]
-    assert windows[2] == ["ref00", "ref01", "s000f000", "s001f000", "s001f050"]
+    assert windows[2] == ["ref00", "ref01", "s001f001", "s002f001", "s002f051"]
     # later, from the ids alone (here after a reload), each shot's memory is exactly what it saw
     later = MemoryBank.load(tmp_path)
     for s in range(5):
@@ -170,10 +171,10 @@ def test_retried_shot_replaces_its_keyframes(tmp_path):
     bank.add_shot_keyframes(1, shot(1, [0, 40]))
     new = [(10, image(999), emb(999))]
     bank.add_shot_keyframes(1, new)  # shot 1 re-run after a crash
-    assert bank.snapshot() == ["s000f000", "s001f010"]
-    assert not (tmp_path / "s001f040.png").exists()
+    assert bank.snapshot() == ["s001f001", "s002f011"]
+    assert not (tmp_path / "s002f041.png").exists()
     assert_same_bank(bank, MemoryBank.load(tmp_path))
-    assert np.array_equal(MemoryBank.load(tmp_path).images(["s001f010"])[0], image(999))
+    assert np.array_equal(MemoryBank.load(tmp_path).images(["s002f011"])[0], image(999))
 
 
 def test_rerendered_shot_replaces_its_keyframes_in_place(tmp_path):
@@ -184,19 +185,35 @@ def test_rerendered_shot_replaces_its_keyframes_in_place(tmp_path):
     bank.add_shot_keyframes(1, shot(1, [3]))
     bank.add_shot_keyframes(2, shot(2, [1]))
     before = {s: bank.before(s) for s in range(4)}
-    assert before[1] == ["ref00", "s000f000", "s000f005", "ref01"]  # a shot sees its own references
-    assert before[2] == before[1] + ["s001f003"] and before[3] == before[2] + ["s002f001"]
+    assert before[1] == ["ref00", "s001f001", "s001f006", "ref01"]  # a shot sees its own references
+    assert before[2] == before[1] + ["s002f004"] and before[3] == before[2] + ["s003f002"]
     # shot 0 re-rendered with an edit: new keyframes at its place, later shots keep theirs
     bank.add_shot_keyframes(0, [(7, image(70), emb(70))])
-    assert bank.snapshot() == ["ref00", "s000f007", "ref01", "s001f003", "s002f001"]
-    assert not (tmp_path / "s000f000.png").exists() and (tmp_path / "s002f001.png").exists()
-    assert bank.before(2) == ["ref00", "s000f007", "ref01", "s001f003"]
+    assert bank.snapshot() == ["ref00", "s001f008", "ref01", "s002f004", "s003f002"]
+    assert not (tmp_path / "s001f001.png").exists() and (tmp_path / "s003f002.png").exists()
+    assert bank.before(2) == ["ref00", "s001f008", "ref01", "s002f004"]
     reloaded = MemoryBank.load(tmp_path)
     assert_same_bank(bank, reloaded)
     assert [k.label for k in reloaded.keyframes] == ["lena", None, "harbour", None, None]
     # the window over a snapshot: the story's references are long-term however many there are
-    assert bank.window_ids(long_term=0, max_size=2, shot_index=2) == ["ref00", "s001f003"]
-    assert bank.window_ids(long_term=0, max_size=2) == ["ref00", "s002f001"]
+    assert bank.window_ids(long_term=0, max_size=2, shot_index=2) == ["ref00", "s002f004"]
+    assert bank.window_ids(long_term=0, max_size=2) == ["ref00", "s003f002"]
+
+
+def test_shot_keyframe_ids_count_from_1_and_a_bank_with_0_based_ids_keeps_its_scheme(tmp_path, monkeypatch):
+    bank = MemoryBank(tmp_path / "new")
+    bank.add_shot_keyframes(0, shot(0, [0]))
+    assert [(k.id, k.shot_index, k.frame_index) for k in bank.keyframes] == [("s001f001", 0, 0)]
+    # a bank written before ids counted from 1 (s000f000 = shot index 0, frame index 0): a re-render
+    # of its shot 1 picking frame 39 would be s001f040 in the new scheme, the id of shot 2's frame 41
+    monkeypatch.setattr(memory_mod, "keyframe_id", lambda s, f: f"s{s:03d}f{f:03d}")
+    old = MemoryBank(tmp_path / "old")
+    old.add_shot_keyframes(0, shot(0, [0]))
+    old.add_shot_keyframes(1, shot(1, [40]))
+    monkeypatch.undo()
+    assert old.snapshot() == ["s000f000", "s001f040"]
+    old.add_shot_keyframes(0, shot(0, [39]))
+    assert MemoryBank.load(tmp_path / "old").snapshot() == ["s000f039", "s001f040"]
 
 
 def test_invalid_additions_change_nothing(tmp_path):
@@ -211,8 +228,8 @@ def test_invalid_additions_change_nothing(tmp_path):
         bank.add_shot_keyframes(1, [(3, image(1), emb(1)), (3, image(2), emb(2))])  # same id twice
     with pytest.raises(ValueError, match="embedding sizes"):  # a bad retry keeps the old keyframes
         bank.add_shot_keyframes(0, [(1, image(1), torch.ones(4))])
-    assert bank.snapshot() == ["ref00", "s000f000"]
-    assert MemoryBank.load(tmp_path).snapshot() == ["ref00", "s000f000"]
+    assert bank.snapshot() == ["ref00", "s001f001"]
+    assert MemoryBank.load(tmp_path).snapshot() == ["ref00", "s001f001"]
 
 
 def test_crash_before_the_index_is_written_resumes_the_previous_memory(tmp_path, monkeypatch):
@@ -225,11 +242,11 @@ def test_crash_before_the_index_is_written_resumes_the_previous_memory(tmp_path,
     monkeypatch.setattr(MemoryBank, "_write_index", crash)
     with pytest.raises(OSError):
         bank.add_shot_keyframes(1, shot(1, [3]))
-    assert bank.snapshot() == ["s000f000", "s000f040"]  # in-memory view not advanced either
+    assert bank.snapshot() == ["s001f001", "s001f041"]  # in-memory view not advanced either
     monkeypatch.undo()
 
     resumed = MemoryBank.load(tmp_path)
-    assert resumed.snapshot() == ["s000f000", "s000f040"]
+    assert resumed.snapshot() == ["s001f001", "s001f041"]
     assert torch.equal(resumed.embeddings()[1], emb(40))
     resumed.add_shot_keyframes(1, shot(1, [3]))  # the re-run shot overwrites the leftovers
     assert_same_bank(resumed, MemoryBank.load(tmp_path))
@@ -249,11 +266,11 @@ def test_crash_while_replacing_a_retried_shot(tmp_path, monkeypatch):
         bank.add_shot_keyframes(1, [(2, image(5), emb(5))])  # same id, new content
     monkeypatch.setattr(memory_mod, "save_png", real)
     resumed = MemoryBank.load(tmp_path)
-    assert resumed.snapshot() == ["s000f000"]  # old shot-1 keyframes removed first, new not committed
+    assert resumed.snapshot() == ["s001f001"]  # old shot-1 keyframes removed first, new not committed
     resumed.add_shot_keyframes(1, [(2, image(5), emb(5))])
     again = MemoryBank.load(tmp_path)
     assert torch.equal(again.embeddings()[1], emb(5))
-    assert np.array_equal(again.images(["s001f002"])[0], image(5))
+    assert np.array_equal(again.images(["s002f003"])[0], image(5))
 
 
 def test_rewind_restores_the_memory_before_a_shot(tmp_path):
@@ -263,11 +280,11 @@ def test_rewind_restores_the_memory_before_a_shot(tmp_path):
     bank.add_references([image(2)], embeddings=[emb(2)], for_shot=1)  # joined before shot 1
     bank.add_shot_keyframes(1, shot(1, [3]))
     bank.add_shot_keyframes(2, shot(2, [1]))
-    assert bank.snapshot() == ["ref00", "s000f000", "s000f005", "ref01", "s001f003", "s002f001"]
+    assert bank.snapshot() == ["ref00", "s001f001", "s001f006", "ref01", "s002f004", "s003f002"]
     assert bank.rewind(1) == 3  # shot 1's reference and keyframes, and everything after
-    assert bank.snapshot() == ["ref00", "s000f000", "s000f005"]
+    assert bank.snapshot() == ["ref00", "s001f001", "s001f006"]
     assert MemoryBank.load(tmp_path).snapshot() == bank.snapshot()  # on disk too
-    assert not (tmp_path / "s002f001.png").exists()
+    assert not (tmp_path / "s003f002.png").exists()
     assert bank.rewind(5) == 0
     # re-adding shot 1's reference gets the same id again
     assert [k.id for k in bank.add_references([image(2)], embeddings=[emb(2)], for_shot=1)] == ["ref01"]

@@ -74,8 +74,10 @@ def test_the_command_lines_bars_name_the_stage_after_denoising():
     from storyfarm.daemon.cli import RichProgress
 
     with RichProgress(Console(record=True, width=100)) as bars:
-        bars.story_start(type("S", (), {"name": "kite"})(), 1)
+        bars.story_start(type("S", (), {"name": "kite", "shots": [None, None]})(), 2)
+        shot = type("Shot", (), {"index": 1, "scene": 1, "shot": 2})()
+        bars.shot_start(shot, type("Plan", (), {"sampler": type("Sampler", (), {"steps": 3})()})())
         bars.stage("denoise", 3, 3, "low_noise t=12")
-        assert bars.bars.tasks[bars.steps].description == "shot steps [low_noise t=12]"
+        assert bars.bars.tasks[bars.steps].description == "shot 2 of 2 (scene 1.2) steps [low_noise t=12]"
         bars.stage("vae_decode")
-        assert bars.bars.tasks[bars.steps].description == "shot [vae decode]"
+        assert bars.bars.tasks[bars.steps].description == "shot 2 of 2 (scene 1.2) [vae decode]"

@@ -113,7 +113,7 @@ def test_retry_budget_counts_failures_but_not_lost_attempts(db_path):
         shot = run(store, story_id, 0, "failed", error="CUDA OOM third")
         assert (shot.state, shot.attempts) == ("failed", 5)
         record = store.get_story(story_id)
-        assert record.state == "failed" and "shot 0 failed 3 times" in record.error and "third" in record.error
+        assert record.state == "failed" and "shot 1 failed 3 times" in record.error and "third" in record.error
         assert [s.state for s in record.shots] == ["failed", "waiting"]
         outcomes = [a.outcome for a in store.attempts(shot.id)]
         assert outcomes == ["failed", "lost", "lost", "failed", "failed"]
@@ -124,7 +124,7 @@ def test_a_non_retryable_failure_fails_at_once(store):
     story_id = submit(store, 1)
     shot = run(store, story_id, 0, "failed", error="prompt rejected", retryable=False)
     assert shot.state == "failed"
-    assert store.get_story(story_id).error == "shot 0 not retryable: prompt rejected"
+    assert store.get_story(story_id).error == "shot 1 not retryable: prompt rejected"
 
 
 def test_retry_shot_requeues_with_a_fresh_budget(db_path):
@@ -135,8 +135,8 @@ def test_retry_shot_requeues_with_a_fresh_budget(db_path):
         run(store, story_id, 1, "failed", error="boom")
         assert states(store, story_id) == ("failed", ["succeeded", "failed", "waiting"])
         for index, error, match in (
-                (0, StateError, "shot 0 of story .* is succeeded; retry is allowed when it is failed"),
-                (7, NotFound, "has no shot 7")):
+                (0, StateError, "shot 1 of story .* is succeeded; retry is allowed when it is failed"),
+                (7, NotFound, r"has no shot_index 7 \(shot 8\); its shots are 1 to 3")):
             with pytest.raises(error, match=match):
                 store.retry_shot(story_id, index, now=tick())
         record = store.retry_shot(story_id, 1, now=tick())

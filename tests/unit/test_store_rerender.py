@@ -72,7 +72,7 @@ def test_a_cascade_makes_the_later_shots_wait_and_the_last_one_finishes(store):
 
 def test_refusals_and_idempotency(store):
     sid = finished(store)
-    with pytest.raises(NotFound, match="has no shot 3"):
+    with pytest.raises(NotFound, match=r"has no shot_index 3 \(shot 4\)"):
         store.rerender_shot(sid, 3)
     first = store.rerender_shot(sid, 0, prompt="x", request_id="r1", now=tick())
     assert store.rerender_shot(sid, 0, prompt="x", request_id="r1").shots[0].take == first.shots[0].take == 2
@@ -88,7 +88,7 @@ def test_refusals_and_idempotency(store):
     run(store, failed, 0)
     run(store, failed, 1, outcome="failed", retryable=False, error="bad")
     assert states(store, failed) == ("failed", ["succeeded", "failed", "waiting"])
-    with pytest.raises(StateError, match="shot 1 .* is failed; a re-render is allowed when it is succeeded"):
+    with pytest.raises(StateError, match="shot 2 .* is failed; a re-render is allowed when it is succeeded"):
         store.rerender_shot(failed, 1)
     store.rerender_shot(failed, 0, now=tick())
     run(store, failed, 0)
