@@ -25,6 +25,7 @@ from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import FINAL, ArtifactIn, StateError
 from storyfarm.story.files import sha256_file
 from storyfarm.story.lifecycle import RENDER_STAGES
+from storyfarm.story.numbering import shot_number
 from storyfarm.scheduler.gpu_pool.executor import Executor
 from storyfarm.scheduler.gpu_pool.faults import crash_point
 from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, ShotTask
@@ -147,14 +148,21 @@ class Dispatcher(threading.Thread):
         if outcome == "lost":
             self._holders.pop(task.story_id, None)  # its worker is gone, and its memory with it
 
-    def _story_ended(self, story) -> None:
+    def _story_ended(self, story, state: str, ended: float) -> None:
+        """`state` and `ended`: the final state and its time as the event recorded them (the story
+        may have moved on since: a re-render can be requested before this turn reads it)."""
         self._holders.pop(story.id, None)
         self._etas.pop(story.id, None)
         self._eta_stale = True  # its batch's ETA no longer counts it
         self.executor.release(str(self.artifacts.story_dir(story.id)))
-        reason = "ok" if story.state == "succeeded" else (story.error or story.state).split(":")[0][:60]
-        seconds = (story.finished_at or time.time()) - story.created_at
-        self.observers.story_finished(story.id, project=story.project, state=story.state, reason=reason, seconds=seconds)
+        reason = "ok" if state == "succeeded" else (story.error or state).split(":")[0][:60]
+        rerendered_at = self.store.rerender_requested_at(story.id, ended)
+        if rerendered_at is None:
+            self.observers.story_finished(story.id, project=story.project, state=state, reason=reason,
+                                          seconds=ended - story.created_at)
+        else:  # a new take of a finished story: not a story finished again, and timed from its request
+            self.observers.rerender_finished(story.id, project=story.project, state=state, reason=reason,
+                                             seconds=ended - rerendered_at)
 
     def _follow_story_ends(self) -> None:
         """Every story that reached a final state since the last turn, however it got there (its
@@ -167,7 +175,7 @@ class Dispatcher(threading.Thread):
                 if event.kind == "story_state" and event.payload.get("to") in FINAL:
                     story = self.store.get_story(event.story_id)
                     if story is not None:
-                        self._story_ended(story)
+                        self._story_ended(story, event.payload["to"], event.time)
             if len(events) < 500:
                 return
 
@@ -328,7 +336,7 @@ class Dispatcher(threading.Thread):
             return reason
         if row["state"] == "paused":
             return "paused"
-        return f"shot {row['done'] or 0} waits for the shot before it"
+        return f"shot {shot_number(row['done'] or 0)} waits for the shot before it"
 
     # -- views -----------------------------------------------------------------------------------
     def wait_reason(self, story_id: str) -> str | None:

@@ -19,6 +19,7 @@ import logging
 from storyfarm.scheduler.gpu_pool.logfmt import (  # noqa: F401 - the daemon's log formats are the workers' too
     CONTEXT, FIELDS, FORMATS, LOG_FORMAT_ENV, JsonFormatter, TextFormatter, configure_logging,
 )
+from storyfarm.story.numbering import shot_number
 
 
 class LogObserver:
@@ -34,13 +35,13 @@ class LogObserver:
                 "attempt_id": task.attempt_id, **more}
 
     def attempt_started(self, task, *, worker_id, project, priority, queue_wait_s, placement) -> None:
-        self.log.info("shot %d started on %s (%s placement, waited %.1f s)", task.shot_index, worker_id, placement,
+        self.log.info("shot %d started on %s (%s placement, waited %.1f s)", shot_number(task.shot_index), worker_id, placement,
                       queue_wait_s, extra=self._ids(task, worker=worker_id, project=project))
 
     def attempt_finished(self, task, *, worker_id, project, outcome, reason, report, shot_state) -> None:
         level = logging.INFO if outcome in ("succeeded", "cancelled") else logging.WARNING
         error = getattr(report, "error", None)
-        self.log.log(level, "shot %d %s on %s (%s)%s", task.shot_index, outcome, worker_id, reason,
+        self.log.log(level, "shot %d %s on %s (%s)%s", shot_number(task.shot_index), outcome, worker_id, reason,
                      f": {error}" if error else "",
                      extra=self._ids(task, worker=worker_id, project=project, outcome=outcome, reason=reason))
 
@@ -48,6 +49,11 @@ class LogObserver:
         level = logging.INFO if state == "succeeded" else logging.WARNING
         self.log.log(level, "story %s %s after %.1f s (%s)", story_id, state, seconds, reason,
                      extra={"story_id": story_id, "project": project, "outcome": state, "reason": reason})
+
+    def rerender_finished(self, story_id, *, project, state, reason, seconds) -> None:
+        level = logging.INFO if state == "succeeded" else logging.WARNING
+        self.log.log(level, "story %s %s again, %.1f s after its re-render was requested (%s)", story_id, state, seconds,
+                     reason, extra={"story_id": story_id, "project": project, "outcome": state, "reason": reason})
 
     def worker_event(self, worker_id, *, device, event, reason="") -> None:
         level = logging.INFO if event in ("started", "ready") else logging.WARNING

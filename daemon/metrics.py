@@ -49,6 +49,7 @@ ZERO_START = {
     "storyfarm_queue_wait_seconds": ("priority_class", PRIORITY_CLASSES),
     "storyfarm_shot_duration_seconds": ("outcome", OUTCOMES),
     "storyfarm_story_duration_seconds": ("state", tuple(s for s in STORY_STATES if s in FINAL_STATES)),
+    "storyfarm_rerender_duration_seconds": ("state", tuple(s for s in STORY_STATES if s in FINAL_STATES)),
     "storyfarm_shot_stage_duration_seconds": ("stage", STAGES),
 }
 FORBIDDEN_LABELS = frozenset({"story", "story_id", "shot", "shot_id", "shot_index", "attempt", "attempt_id",
@@ -79,7 +80,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("storyfarm_shots_submitted_total", "counter", "project", "shots", "event",
           "Shots of the accepted stories."),
     _spec("storyfarm_stories_finished_total", "counter", "project state reason", "stories", "event",
-          "Stories that reached a final state (succeeded, failed, cancelled), with the dispatcher's reason."),
+          "Stories that reached a final state (succeeded, failed, cancelled), with the dispatcher's reason; "
+          "the end of a re-render is not counted here (storyfarm_rerenders_finished_total)."),
+    _spec("storyfarm_rerenders_finished_total", "counter", "project state reason", "re-renders", "event",
+          "Re-renders (RerenderShot: new takes of a finished story) whose story reached a final state again."),
     _spec("storyfarm_shots_finished_total", "counter", "project state reason", "shots", "event",
           "Shots that reached a final state: succeeded, failed for good (retry budget spent or not retryable), cancelled."),
     _spec("storyfarm_shot_attempts_started_total", "counter", "placement", "attempts", "event",
@@ -102,7 +106,9 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("storyfarm_shot_duration_seconds", "histogram", "outcome", "seconds", "event",
           "Wall time of one attempt, from hand-out to its end (succeeded: the worker's own measure).", DURATION_BUCKETS),
     _spec("storyfarm_story_duration_seconds", "histogram", "state", "seconds", "event",
-          "Time from a story's submission to its final state.", DURATION_BUCKETS),
+          "Time from a story's submission to its final state (re-renders are not observed here).", DURATION_BUCKETS),
+    _spec("storyfarm_rerender_duration_seconds", "histogram", "state", "seconds", "event",
+          "Time from a re-render's request to its story's final state again.", DURATION_BUCKETS),
     _spec("storyfarm_shot_stage_duration_seconds", "histogram", "stage", "seconds", "event",
           "Seconds per stage of a succeeded shot: text_encode, memory_encode, denoise, vae_decode, keyframes, mp4_encode.",
           DURATION_BUCKETS),
@@ -278,6 +284,12 @@ class DaemonMetrics:
     def story_finished(self, story_id: str, *, project: str, state: str, reason: str, seconds: float) -> None:
         self._m["storyfarm_stories_finished_total"].labels(project=_label(project), state=state, reason=_label(reason)).inc()
         self._m["storyfarm_story_duration_seconds"].labels(state=state).observe(max(0.0, seconds))
+
+    def rerender_finished(self, story_id: str, *, project: str, state: str, reason: str, seconds: float) -> None:
+        """A re-render's end: its own series, so the story counts and durations above stay one per
+        submitted story and submit-to-end (`seconds` here: from the re-render's request)."""
+        self._m["storyfarm_rerenders_finished_total"].labels(project=_label(project), state=state, reason=_label(reason)).inc()
+        self._m["storyfarm_rerender_duration_seconds"].labels(state=state).observe(max(0.0, seconds))
 
     def worker_event(self, worker_id: str, *, device: str, event: str, reason: str = "") -> None:
         if event in ("started", "replaced"):  # a new process: its counts start again from zero

@@ -36,7 +36,13 @@ class DispatchObserver(Protocol):
         retry or a lost attempt put it back), so no observer has to guess it."""
 
     def story_finished(self, story_id: str, *, project: str, state: str, reason: str, seconds: float) -> None:
-        """The story reached a final state (`succeeded`, `failed`, `cancelled`)."""
+        """The story reached a final state (`succeeded`, `failed`, `cancelled`); `seconds` since
+        its submission. Not called when a re-render ends (see `rerender_finished`)."""
+
+    def rerender_finished(self, story_id: str, *, project: str, state: str, reason: str, seconds: float) -> None:
+        """A story brought back by a re-render (RerenderShot: a new take of a shot of a finished
+        story) reached a final state again; `seconds` since that re-render was requested. An
+        observer without this method is not told: the story had already finished once."""
 
     def worker_event(self, worker_id: str, *, device: str, event: str, reason: str = "") -> None:
         """`event`: `started`, `ready`, `replaced`, `out_of_service`."""
@@ -70,6 +76,9 @@ class Observers:
 
     def story_finished(self, *args, **kwargs) -> None:
         self._call("story_finished", *args, **kwargs)
+
+    def rerender_finished(self, *args, **kwargs) -> None:
+        self._call("rerender_finished", *args, **kwargs)
 
     def worker_event(self, *args, **kwargs) -> None:
         self._call("worker_event", *args, **kwargs)

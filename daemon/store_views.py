@@ -99,6 +99,14 @@ class QueueViews:
         return {"shots": [tuple(r) for r in shots], "stories": [tuple(r) for r in stories], "oldest_queued_at": oldest,
                 "running_by_project": {r["project"]: r["n"] for r in running}}
 
+    def rerender_requested_at(self, story_id: str, before: float) -> float | None:
+        """When the latest re-render of the story requested at or before `before` was requested;
+        None when there was none. A re-render needs a finished story, so a story that ends at
+        `before` after one ends that re-render, not its first render (the metrics keep them apart)."""
+        with self._read() as tx:
+            return tx.db.execute("SELECT MAX(created_at) AS t FROM rerenders WHERE story_id = ? AND created_at <= ?",
+                                 (story_id, before)).fetchone()["t"]
+
     def open_batches(self) -> list[tuple[str, int, float | None]]:
         """(batch id, unfinished stories, deadline) of every batch with a story not yet final."""
         final = _marks(sorted(FINAL))
