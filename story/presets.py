@@ -210,8 +210,12 @@ def packaged_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_preset(name_or_path: str, overrides: dict | None = None) -> Preset:
-    """A packaged preset by name (`tiny`) or a YAML file path; `overrides` is deep-merged on top."""
+def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """One preset's mapping with its weight paths made absolute, `extends:` resolved.
+
+    `extends: NAME|PATH` starts from another preset (packaged name, or a path relative to this
+    file) and deep-merges this file's keys on top, so a variant (another size, other steps) keeps
+    the base's architecture and weights in one home instead of a copy."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -222,10 +226,26 @@ def load_preset(name_or_path: str, overrides: dict | None = None) -> Preset:
         if not res.is_file():
             raise PresetError(f"preset: unknown preset {name_or_path!r}; packaged presets: {', '.join(packaged_presets())}")
         text, origin, base_dir = res.read_text(), f"preset {name_or_path}", Path(str(res)).parent
-    data = read_mapping(text, origin, PresetError)
+    data = _expand_weight_paths(read_mapping(text, origin, PresetError), base_dir, origin)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, origin
+    if not isinstance(parent, str) or not parent:
+        raise PresetError(f"{origin}: extends: expected a preset name or a YAML path, got {parent!r}")
+    if origin in seen:
+        raise PresetError(f"{origin}: extends: cycle through {' -> '.join(seen + (origin,))}")
+    local = base_dir / parent
+    base, _ = _read_preset(str(local) if local.suffix in (".yaml", ".yml") or local.exists() else parent, seen + (origin,))
+    for key in ("name", "description"):  # a variant is its own preset, never the base under another file
+        base.pop(key, None)
+    return deep_merge(base, data), origin
+
+
+def load_preset(name_or_path: str, overrides: dict | None = None) -> Preset:
+    """A packaged preset by name (`tiny`) or a YAML file path; `overrides` is deep-merged on top."""
+    data, origin = _read_preset(name_or_path)
     if overrides:
         data = deep_merge(data, overrides)
-    data = _expand_weight_paths(data, base_dir, origin)
     data["origin"] = origin
     try:
         preset = Preset.model_validate(data)

@@ -68,7 +68,7 @@ class DaemonProcess:
         self.data, self.config, self.env, self.grace = Path(data), dict(config or {}), dict(env or {}), grace
         self.proc: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
-        self.port = 0
+        self.port = self.metrics_port = 0
         self.log: Path | None = None
 
     def start(self, *, wait: bool = True, timeout: float = 120) -> DaemonProcess:
@@ -94,12 +94,12 @@ class DaemonProcess:
             raise AssertionError(f"the daemon did not die during start-up: {self.tail()}") from None
 
     def _launch(self) -> None:
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.data.parent.mkdir(parents=True, exist_ok=True)
         stamp = time.time_ns()
         config_file = self.data.parent / f"daemon-{stamp}.yaml"
         config = {"device": "cpu", "grace_seconds": self.grace, **self.config,
-                  "listen": f"127.0.0.1:{self.port}", "metrics_listen": f"127.0.0.1:{free_port()}",
+                  "listen": f"127.0.0.1:{self.port}", "metrics_listen": f"127.0.0.1:{self.metrics_port}",
                   "data_dir": str(self.data)}
         config_file.write_text(yaml.safe_dump(config))
         self.log = self.data.parent / f"daemon-{self.port}-{stamp}.log"

@@ -69,3 +69,37 @@ def test_an_unset_variable_without_a_default_is_an_error_as_in_the_daemon_config
     c.write_text("data_dir: ${SF_TEST_NOPE}/x\n")
     with pytest.raises(ConfigError, match=r"daemon.yaml: data_dir: environment variable SF_TEST_NOPE is not set"):
         load_config(c)
+
+
+def test_the_real_size_preset_is_the_tiny_model_at_the_production_shot_size():
+    tiny, big = load_preset("tiny"), load_preset("tiny-480p")
+    assert big.name == "tiny-480p" and big.seed == tiny.seed
+    assert big.architecture.transformer == tiny.architecture.transformer  # the same M2V model
+    assert big.architecture.vae == {**tiny.architecture.vae, "base_dim": 8}  # a narrower VAE, the same latents
+    r = big.render
+    assert (r.resolution, r.frames, r.fps, r.guidance) == ((832, 480), 81, 16, (1.0, 1.0))
+    assert (r.shift, r.solver, r.boundary) == (tiny.render.shift, tiny.render.solver, tiny.render.boundary)
+    assert big.memory == tiny.memory and big.keyframes == tiny.keyframes
+
+
+def test_extends_merges_a_variant_over_its_base_and_resolves_paths_next_to_each_file(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "wan.yaml").write_text(
+        "name: wan\ndescription: base\nsource: local\nweights: {base: models/wan, clip: models/clip}\nrender: {steps: 40}\n")
+    (tmp_path / "fast.yaml").write_text("extends: base/wan.yaml\nname: fast\nrender: {steps: 4}\nweights: {clip: mine/clip}\n")
+    p = load_preset(str(tmp_path / "fast.yaml"))
+    assert (p.name, p.description, p.render.steps) == ("fast", "", 4)
+    assert p.weights.base == str(tmp_path / "base" / "models" / "wan")  # the base's path, next to the base
+    assert p.weights.clip == str(tmp_path / "mine" / "clip")  # the variant's own, next to the variant
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("extends: [tiny]\nname: x\n", "extends: expected a preset name"),
+    ("extends: nosuch\nname: x\n", "unknown preset 'nosuch'"),
+    ("extends: loop.yaml\nname: x\n", "extends: cycle"),
+])
+def test_a_bad_extends_is_named(tmp_path, body, needle):
+    f = tmp_path / "loop.yaml"
+    f.write_text(body)
+    with pytest.raises(PresetError, match=needle):
+        load_preset(str(f))
