@@ -43,7 +43,7 @@ def _error_json(exc) -> dict[str, Any]:
 def _read_stories(paths: list[str], references: dict[str, str]) -> list | None:
     """Every story file read and checked here, with the images it names, before anything is sent:
     a StoryFile per path, or None after one error line per problem, each naming its file."""
-    from storyfarm.daemon.client_wire import StoryFileError, check_story_file, read_story_file
+    from storyfarm.daemon.client_story import StoryFileError, check_story_file, read_story_file
 
     err, files, bad = _stderr(), [], 0
     for path in paths:

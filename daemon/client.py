@@ -208,7 +208,7 @@ class StoryfarmClient:
     def submit(self, story, *, request_id: str | None = None, project: str | None = None, priority: int = 0,
                labels: Mapping[str, str] | None = None, deadline=None, references: Mapping[str, str | Path] | None = None,
                validate_only: bool = False, preset: str | None = None) -> dict[str, Any]:
-        """Submits a story: a file path (or a StoryFile from client_wire.read_story_file), story
+        """Submits a story: a file path (or a StoryFile from client_story.read_story_file), story
         text (JSON or YAML), a dict, or a StorySpec. A story file brings the images it names,
         read relative to its folder as `storyfarm render` reads them; `references` maps names to
         image files, added to those or replacing one of the same name. Returns story_id, created,

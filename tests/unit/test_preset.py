@@ -38,6 +38,9 @@ def test_relative_paths_resolve_next_to_the_preset(tmp_path):
         ("name: x\nsource: local\n", "weights: required"),
         ("name: x\nsource: cloud\n", "source"),
         ("name: x\nsource: random\narchitecture: {transformer: {}, vae: {}, text_encoder: {}}\nrender: {resolution: [100, 64]}\n", "multiples of 16"),
+        ("extends: [tiny]\nname: x\n", "extends: expected a preset name"),
+        ("extends: nosuch\nname: x\n", "unknown preset 'nosuch'"),
+        ("extends: bad.yaml\nname: x\n", "extends: cycle"),  # this file itself
     ],
 )
 def test_bad_presets_name_the_field(tmp_path, body, needle):
@@ -92,14 +95,3 @@ def test_extends_merges_a_variant_over_its_base_and_resolves_paths_next_to_each_
     assert p.weights.base == str(tmp_path / "base" / "models" / "wan")  # the base's path, next to the base
     assert p.weights.clip == str(tmp_path / "mine" / "clip")  # the variant's own, next to the variant
 
-
-@pytest.mark.parametrize("body, needle", [
-    ("extends: [tiny]\nname: x\n", "extends: expected a preset name"),
-    ("extends: nosuch\nname: x\n", "unknown preset 'nosuch'"),
-    ("extends: loop.yaml\nname: x\n", "extends: cycle"),
-])
-def test_a_bad_extends_is_named(tmp_path, body, needle):
-    f = tmp_path / "loop.yaml"
-    f.write_text(body)
-    with pytest.raises(PresetError, match=needle):
-        load_preset(str(f))
