@@ -236,9 +236,7 @@ def _fit(width: int, columns: list[str], rows: list[list[str]], free: dict[str, 
     most, the other columns whole (two cells between columns, as _table draws them): free columns
     narrower than their share keep their width, the others share the rest by weight, at least 4
     cells each (below that the table is wider than `width`: see _table_width)."""
-    from rich.cells import cell_len
-
-    natural = {c: max([cell_len(c)] + [cell_len(row[i]) for row in rows]) for i, c in enumerate(columns)}
+    natural = _natural_widths(columns, rows)
     spare = width - 2 * (len(columns) - 1) - sum(w for c, w in natural.items() if c not in free)
     caps, left = {}, sorted(free, key=lambda c: natural[c] / free[c])
     while left:
@@ -249,11 +247,16 @@ def _fit(width: int, columns: list[str], rows: list[list[str]], free: dict[str, 
     return caps
 
 
-def _table_width(columns: list[str], rows: list[list[str]], fit: dict[str, int]) -> int:
+def _natural_widths(columns: list[str], rows: list[list[str]]) -> dict[str, int]:
+    """Each column's width in cells with nothing cut: its widest cell or its header."""
     from rich.cells import cell_len
 
-    return 2 * (len(columns) - 1) + sum(fit.get(c, max([cell_len(c)] + [cell_len(row[i]) for row in rows]))
-                                        for i, c in enumerate(columns))
+    return {c: max([cell_len(c)] + [cell_len(row[i]) for row in rows]) for i, c in enumerate(columns)}
+
+
+def _table_width(columns: list[str], rows: list[list[str]], fit: dict[str, int]) -> int:
+    natural = _natural_widths(columns, rows)
+    return 2 * (len(columns) - 1) + sum(fit.get(c, natural[c]) for c in columns)
 
 
 def cmd_ls(client, args, console: Console) -> int:
@@ -361,7 +364,7 @@ def cmd_cancel(client, args, console: Console) -> int:
 def _print_pool(pool: dict[str, Any], console: Console) -> None:
     table = _table("WORKER", "STATE", "DEVICES", "SHOT", "PROGRESS", "RESIDENT", "MEMORY")
     for w in pool["workers"]:
-        shot = (f"{w['current_shot']['story_id'] or '?'} shot {shot_number(w['current_shot']['shot_index'])}"
+        shot = (f"{w['current_shot']['story_id'] or '?'} {shot_label(w['current_shot']['shot_index'])}"
                 if w["current_shot"] else "")
         progress = (f"{w['progress']['stage']} {w['progress']['step']}/{w['progress']['total_steps']} "
                     f"{_eta(w['progress'].get('eta'))}".strip() if w["progress"] else "")

@@ -25,7 +25,7 @@ from storyfarm.daemon.store import JobStore
 from storyfarm.daemon.store_records import FINAL, ArtifactIn, StateError
 from storyfarm.story.files import sha256_file
 from storyfarm.story.lifecycle import RENDER_STAGES
-from storyfarm.story.numbering import shot_number
+from storyfarm.story.numbering import shot_label
 from storyfarm.scheduler.gpu_pool.executor import Executor
 from storyfarm.scheduler.gpu_pool.faults import crash_point
 from storyfarm.scheduler.gpu_pool.messages import Done, Failed, StageUpdate, ShotTask
@@ -336,7 +336,7 @@ class Dispatcher(threading.Thread):
             return reason
         if row["state"] == "paused":
             return "paused"
-        return f"shot {shot_number(row['done'] or 0)} waits for the shot before it"
+        return f"{shot_label(row['done'] or 0)} waits for the shot before it"
 
     # -- views -----------------------------------------------------------------------------------
     def wait_reason(self, story_id: str) -> str | None:

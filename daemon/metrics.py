@@ -42,14 +42,15 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
                     7200, 14400, 28800, 57600, 86400)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 REALTIME_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_ENDED = tuple(s for s in STORY_STATES if s in FINAL_STATES)  # a story's final states, in lifecycle order
 # Children created at zero when the daemon starts, so the first event is an increase Prometheus can
 # see (a series that appears at 1 has no rate) and dashboards show zeros instead of gaps.
 ZERO_START = {
     "storyfarm_shot_attempts_started_total": ("placement", ("affinity", "moved", "new")),
     "storyfarm_queue_wait_seconds": ("priority_class", PRIORITY_CLASSES),
     "storyfarm_shot_duration_seconds": ("outcome", OUTCOMES),
-    "storyfarm_story_duration_seconds": ("state", tuple(s for s in STORY_STATES if s in FINAL_STATES)),
-    "storyfarm_rerender_duration_seconds": ("state", tuple(s for s in STORY_STATES if s in FINAL_STATES)),
+    "storyfarm_story_duration_seconds": ("state", _ENDED),
+    "storyfarm_rerender_duration_seconds": ("state", _ENDED),
     "storyfarm_shot_stage_duration_seconds": ("stage", STAGES),
 }
 FORBIDDEN_LABELS = frozenset({"story", "story_id", "shot", "shot_id", "shot_index", "attempt", "attempt_id",

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from storyfarm.daemon import store_schema
 from storyfarm.story.lifecycle import OOM_RETRIES
-from storyfarm.story.numbering import shot_number
+from storyfarm.story.numbering import shot_label
 from storyfarm.daemon.store_records import (
     MAX_PAGE_SIZE, OUTCOMES, SHOT_STATES, STORY_STATES, ArtifactIn, ArtifactRecord, AttemptRecord,
     BatchSummary, Event, IdempotencyConflict, NotFound, ShotIn, ShotRecord, StateError, StoreError,
@@ -284,7 +284,7 @@ class JobStore(QueueViews, StoryControls):
             shot = tx.shot(shot_id)
             story = tx.story(shot["story_id"])
             if shot["state"] != "queued" or story["state"] in ("paused", "cancelled"):
-                raise StateError(f"shot {shot_number(shot['idx'])} of story {story['id']} is {shot['state']} (story "
+                raise StateError(f"{shot_label(shot['idx'])} of story {story['id']} is {shot['state']} (story "
                                  f"{story['state']}); an attempt starts only from a queued shot")
             number = 1 + tx.one("SELECT COUNT(*) AS n FROM attempts WHERE shot_id = ?", (shot_id,))["n"]
             attempt_id = new_id("at_")
@@ -336,7 +336,7 @@ class JobStore(QueueViews, StoryControls):
                       " WHERE id = ?", (tx.now, outcome, error, int(retryable), reason, attempt["id"]))
         shot, story = tx.shot(attempt["shot_id"]), tx.story(attempt["story_id"])
         index = shot["idx"]
-        shot_no = shot_number(index)  # messages name the shot as people count (story/numbering.py)
+        shot_no = shot_label(index)  # messages name the shot as people count (story/numbering.py)
         tx.emit(story["id"], "attempt_finished", index=index, attempt_id=attempt["id"], outcome=outcome,
                 error=error)
         if outcome == "succeeded":
@@ -348,18 +348,18 @@ class JobStore(QueueViews, StoryControls):
             shots = tx.shots(story["id"])
             pending = [s for s in shots if s["state"] != "succeeded"]
             if not pending:
-                tx.set_story(story, "succeeded", reason=f"shot {shot_no} was the last")
+                tx.set_story(story, "succeeded", reason=f"{shot_no} was the last")
             elif pending[0]["state"] == "waiting" and pending[0]["idx"] > 0 and shots[pending[0]["idx"] - 1]["state"] == "succeeded":
-                tx.set_shot(pending[0], ready_state(story), reason=f"shot {shot_no} succeeded")
+                tx.set_shot(pending[0], ready_state(story), reason=f"{shot_no} succeeded")
             elif pending[0]["state"] == "failed":  # a re-render before a failed shot that was not cascaded
-                failed = shot_number(pending[0]["idx"])
-                tx.set_story(story, "failed", error=f"shot {failed} failed: {pending[0]['error']}",
-                             reason=f"shot {failed} is still failed")
+                failed = shot_label(pending[0]["idx"])
+                tx.set_story(story, "failed", error=f"{failed} failed: {pending[0]['error']}",
+                             reason=f"{failed} is still failed")
         elif story["state"] == "cancelled":
             tx.set_shot(shot, "cancelled", attempt=attempt, error=error, reason="story cancelled")
         elif outcome == "cancelled":
             tx.set_shot(shot, "cancelled", attempt=attempt, error=error, reason="cancelled by its worker")
-            self._cancel(tx, story, f"shot {shot_no} was cancelled by its worker")
+            self._cancel(tx, story, f"{shot_no} was cancelled by its worker")
         elif outcome == "lost":
             tx.set_shot(shot, ready_state(story), attempt=attempt, error=error, reason="attempt lost")
         elif reason == "out_of_memory" and retryable and shot["oom_failures"] < OOM_RETRIES:
@@ -376,7 +376,7 @@ class JobStore(QueueViews, StoryControls):
                 why = (f"not retryable: {error}" if not retryable
                        else f"failed {failures} times, last error: {error}")
                 tx.set_shot(shot, "failed", attempt=attempt, failures=failures, error=error, reason=why)
-                tx.set_story(story, "failed", error=f"shot {shot_no} {why}", reason=f"shot {shot_no} failed")
+                tx.set_story(story, "failed", error=f"{shot_no} {why}", reason=f"{shot_no} failed")
                 for later in tx.shots(story["id"])[index + 1:]:  # held by a pause: now they wait for a retry
                     if later["state"] == "paused":
                         tx.set_shot(later, "waiting", reason="story failed")

@@ -12,7 +12,7 @@ from storyfarm.daemon.store_records import (
     FINAL, STORY_STATES, BatchSummary, IdempotencyConflict, NotFound, StateError, StoryRecord,
 )
 from storyfarm.daemon.store_tx import Tx, has_started, require
-from storyfarm.story.numbering import shot_number, wire_shot
+from storyfarm.story.numbering import shot_label, wire_shot
 
 
 RERENDER_HINT = "; a succeeded shot renders again as a new take: `storyfarm retry-shot --rerender` or `storyfarm rerender`"
@@ -84,10 +84,10 @@ class StoryControls:
                 raise NotFound(f"story {story_id} has no {wire_shot(index)}; its shots are 1 to {len(shots)}")
             shot = shots[index]
             if shot["state"] != "failed":
-                raise StateError(f"shot {shot_number(index)} of story {story_id} is {shot['state']}; "
+                raise StateError(f"{shot_label(index)} of story {story_id} is {shot['state']}; "
                                  f"retry is allowed when it is failed{RERENDER_HINT if shot['state'] == 'succeeded' else ''}")
             tx.emit(story_id, "retry_requested", index=index)
-            tx.set_story(story, "running", error=None, reason=f"shot {shot_number(index)} retried")
+            tx.set_story(story, "running", error=None, reason=f"{shot_label(index)} retried")
             tx.set_shot(shot, "queued", failures=0, oom_failures=0, error=None, reason="retry requested")
         return self._control(story_id, "retry", ("failed",), now, retry, RERENDER_HINT)
 
@@ -113,7 +113,7 @@ class StoryControls:
                 raise NotFound(f"story {story_id} has no {wire_shot(index)}; its shots are 1 to {len(shots)}")
             shot = shots[index]
             if shot["state"] != "succeeded":
-                raise StateError(f"shot {shot_number(index)} of story {story_id} is {shot['state']}; "
+                raise StateError(f"{shot_label(index)} of story {story_id} is {shot['state']}; "
                                  "a re-render is allowed when it is succeeded")
             edit = json.loads(shot["edit"]) if shot["edit"] else {}
             edit.update({k: v for k, v in (("prompt", prompt), ("seed", seed)) if v is not None})
@@ -123,14 +123,14 @@ class StoryControls:
                           (story_id, request_id or None, index, take, prompt, strength, seed, int(cascade), tx.now))
             tx.emit(story_id, "rerender_requested", index=index, take=take, prompt=prompt, strength=strength, seed=seed,
                     cascade=bool(cascade), request_id=request_id or None)
-            tx.set_story(story, "running", error=None, reason=f"shot {shot_number(index)} re-rendered")
+            tx.set_story(story, "running", error=None, reason=f"{shot_label(index)} re-rendered")
             tx.set_shot(shot, "queued", failures=0, oom_failures=0, error=None, take=take, strength=strength,
                         edit=json.dumps(edit, sort_keys=True) if edit else None, prompt=edit.get("prompt", shot["prompt"]),
                         reason=f"re-render requested (take {take})")
             if cascade:
                 for later in shots[index + 1:]:
                     tx.set_shot(later, "waiting", failures=0, oom_failures=0, error=None, take=later["take"] + 1, strength=None,
-                                reason=f"re-render of shot {shot_number(index)} cascades")
+                                reason=f"re-render of {shot_label(index)} cascades")
             return self._record(tx, story_id)
 
     def cancel_batch(self, batch_id: str, *, reason: str | None = None, now: float | None = None) -> BatchSummary:
