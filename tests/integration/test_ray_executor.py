@@ -48,7 +48,9 @@ def test_daemon_renders_through_ray_actors_and_replaces_a_killed_one(tmp_path):
         stub = render_pb2_grpc.RenderServiceStub(grpc.insecure_channel(f"127.0.0.1:{d.port}"))
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{d.port}"))
         wait(lambda: sum(w["state"] == "idle" for w in d.executor.snapshot()) == 2, "two ray workers never got ready")
-        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        # health turns SERVING from the daemon's own watcher (every 0.1 s), a moment after the workers are idle
+        wait(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING,
+             "health never SERVING with two ready ray workers")
         from ray.util import placement_group_table
 
         groups = [g for g in placement_group_table().values() if g["name"].startswith("storyfarm-")]
